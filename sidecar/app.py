@@ -1,0 +1,185 @@
+"""The one place that wires everything: proxy server, admin server, background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import http_parser, web
+from prometheus_client import CollectorRegistry
+
+from sidecar.auth.authenticate import Authenticator
+from sidecar.auth.jwt import TokenVerifier
+from sidecar.config import Config
+from sidecar.errors import SidecarError
+from sidecar.observability import logging as logs
+from sidecar.observability.health import build_admin_app
+from sidecar.observability.metrics import Metrics
+from sidecar.policy.load import load_policy
+from sidecar.proxy.forward import Forwarder
+from sidecar.proxy.handler import ProxyHandler, reject_hook
+from sidecar.proxy.headers import HeaderRules
+from sidecar.proxy.server import ProxyServer
+
+
+def require_c_parser() -> None:
+    """Refuse to run on aiohttp's pure-Python HTTP parser: several request-smuggling
+    fixes exist only in the C parser."""
+    if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
+        raise SidecarError(
+            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or the "
+            "extension is missing); refusing to start"
+        )
+
+
+class Sidecar:
+    """One sidecar: built from a Config, started and stopped on the running loop."""
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        require_c_parser()
+        self.config = config
+        self.metrics = Metrics(registry)
+        self.policy_path = Path(config.policy)
+        policy = load_policy(self.policy_path)  # an invalid policy at start is fatal
+        headers = HeaderRules(
+            config.proxy.identity_header_prefix,
+            strip_authorization=config.proxy.strip_authorization,
+        )
+        self.forwarder = Forwarder(config.upstream, config.proxy, headers)
+        self.handler = ProxyHandler(
+            policy=policy,
+            authenticator=Authenticator(TokenVerifier(config.auth.jwt)),
+            forwarder=self.forwarder,
+            headers=headers,
+            metrics=self.metrics,
+            proxy=config.proxy,
+        )
+        self._proxy_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.draining = False
+        self.listen_port = 0
+        self.admin_port = 0
+
+    async def readiness(self) -> tuple[dict[str, str], frozenset[str]]:
+        """/readyz checks: the sidecar's own state gates; the upstream is only reported."""
+        policy = self.handler.policy
+        checks = {
+            "policy": "ok" if policy is not None else "not loaded",
+            "draining": "no" if not self.draining else "yes",
+            "upstream": await self._probe_upstream(),
+        }
+        gating = frozenset({"policy"})
+        if self.draining:
+            checks["policy"] = "draining"
+        return checks, gating
+
+    async def _probe_upstream(self) -> str:
+        up = self.config.upstream
+        try:
+            async with asyncio.timeout(0.5):
+                _, writer = await asyncio.open_connection(up.host, up.port)
+        except (OSError, TimeoutError):
+            return "unreachable"
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return "ok"
+
+    async def start(self) -> None:
+        """Bind the proxy and admin ports and start serving."""
+        cfg = self.config
+        await self.forwarder.start()
+        server = ProxyServer(
+            self.handler,
+            limits=cfg.proxy,
+            on_reject=reject_hook(self.metrics),
+            max_line_size=cfg.proxy.max_header_bytes,
+            max_field_size=cfg.proxy.max_header_bytes,
+            keepalive_timeout=75.0,
+            access_log=None,
+            auto_decompress=False,
+        )
+        self._proxy_runner = web.ServerRunner(
+            server, shutdown_timeout=cfg.proxy.drain_timeout, handle_signals=False
+        )
+        await self._proxy_runner.setup()
+        site = web.TCPSite(
+            self._proxy_runner, cfg.listen.host, cfg.listen.port, backlog=1024, reuse_address=True
+        )
+        await site.start()
+        self.listen_port = _bound_port(self._proxy_runner)
+
+        admin = build_admin_app(self.metrics, self.readiness)
+        self._admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
+        await self._admin_runner.setup()
+        admin_site = web.TCPSite(self._admin_runner, cfg.admin_listen.host, cfg.admin_listen.port)
+        await admin_site.start()
+        self.admin_port = _bound_port(self._admin_runner)
+        logs.event(
+            20,
+            "started",
+            listen=f"{cfg.listen.host}:{self.listen_port}",
+            admin=f"{cfg.admin_listen.host}:{self.admin_port}",
+            upstream=str(cfg.upstream),
+            policy=str(cfg.policy),
+            rules=len(self.handler.policy.rules),
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting at once, let in-flight requests finish (drain_timeout), close."""
+        self.draining = True
+        if self._proxy_runner is not None:
+            await self._proxy_runner.cleanup()
+            self._proxy_runner = None
+        await self.forwarder.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    raise SidecarError("the server did not bind a TCP port")
+
+
+async def serve(config: Config) -> int:
+    """Run a sidecar until SIGTERM or SIGINT; then drain and return 0."""
+    sidecar = Sidecar(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+    except OSError as exc:
+        await sidecar.stop()
+        raise SidecarError(f"cannot listen: {exc.strerror or exc}") from None
+    await stop.wait()
+    logs.event(20, "draining", timeout_s=config.proxy.drain_timeout)
+    await sidecar.stop()
+    logs.event(20, "stopped")
+    return 0
+
+
+def run(config: Config) -> int:
+    """Configure logging and run the sidecar on uvloop."""
+    import uvloop
+
+    logs.configure(
+        config.observability.log_level,
+        config.observability.log_format,
+        access_log=config.observability.access_log,
+    )
+    return uvloop.run(serve(config))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on `host`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

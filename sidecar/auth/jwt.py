@@ -1,0 +1,359 @@
+"""JSON Web Tokens: verification for the proxy, minting and checking for the library.
+
+`TokenVerifier` checks a bearer token against the configured issuers: the issuer is chosen
+by `iss`, the algorithm must be on that issuer's allow-list (`none` never is, and an HMAC
+algorithm is never checked against a public key), `exp` and the other required claims must
+be present, and `iss`, `aud`, `exp`, `nbf` are checked with the issuer's leeway.
+
+`JWTService` is the seed's API: `create_access_token`, `create_service_token`,
+`verify_token`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from sidecar.auth.identity import Identity
+from sidecar.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, IssuerConfig
+from sidecar.errors import ConfigError, Unauthenticated
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+_ACCEPTED_TYP = frozenset({"jwt", "at+jwt", "application/at+jwt"})
+
+
+def load_public_key(path: Path) -> PublicKey:
+    """A PEM public key (or the key of a PEM certificate) from a file."""
+    data = path.read_bytes()
+    try:
+        if b"BEGIN CERTIFICATE" in data:
+            key: Any = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a PEM public key or certificate ({exc})") from None
+    if not isinstance(key, PublicKey):
+        raise ConfigError(f"{path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def _key_fits(alg: str, key: Any) -> bool:
+    if alg in HMAC_ALGORITHMS:
+        return isinstance(key, bytes)
+    if alg.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey)
+    if alg.startswith("ES"):
+        return isinstance(key, ec.EllipticCurvePublicKey)
+    if alg == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    return False
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    """A claim holding a list of names, or one string of names split on spaces/commas."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.replace(",", " ").split() if v)
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value if isinstance(v, str | int) and str(v))
+    return ()
+
+
+def _header_safe(value: str) -> bool:
+    return bool(value) and all(32 <= ord(ch) != 127 for ch in value) and "," not in value
+
+
+def decode_checked(
+    token: str,
+    key: Any,
+    *,
+    algorithm: str,
+    audiences: list[str] | None,
+    issuer: str | None,
+    leeway: float,
+    required: Sequence[str],
+) -> dict[str, Any]:
+    """Verify signature and claims; map every PyJWT failure to a precise Unauthenticated."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[algorithm],
+            audience=audiences,
+            issuer=issuer,
+            leeway=leeway,
+            options={
+                "require": list(required),
+                "verify_aud": audiences is not None,
+                "verify_iss": issuer is not None,
+            },
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("token_expired", "token expired") from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthenticated("token_not_yet_valid", "token not yet valid") from None
+    except jwt.InvalidAudienceError:
+        raise Unauthenticated("wrong_audience", "wrong audience") from None
+    except jwt.InvalidIssuerError:
+        raise Unauthenticated("wrong_issuer", "wrong issuer") from None
+    except jwt.InvalidSignatureError:
+        raise Unauthenticated("bad_signature", "bad signature") from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise Unauthenticated("missing_claim", f"missing claim {exc.claim}") from None
+    except jwt.PyJWTError:
+        raise Unauthenticated("invalid_token", "invalid token") from None
+    return claims
+
+
+class _Issuer:
+    __slots__ = ("algorithms", "audiences", "config", "key", "name")
+
+    def __init__(self, config: IssuerConfig) -> None:
+        self.config = config
+        self.name = config.issuer
+        self.algorithms = list(config.algorithms)
+        self.audiences = list(config.audiences) or None
+        key: bytes | PublicKey
+        if config.secret is not None:
+            key = config.secret
+        else:
+            assert config.public_key_file is not None
+            key = load_public_key(config.public_key_file)
+        for alg in self.algorithms:
+            if not _key_fits(alg, key):
+                raise ConfigError(
+                    f"auth.jwt issuer {config.issuer or '(any)'}: algorithm {alg} does not fit "
+                    f"its key ({type(key).__name__})"
+                )
+        self.key = key
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against the configured issuers and maps claims to an Identity."""
+
+    def __init__(self, issuers: Sequence[IssuerConfig]) -> None:
+        self._issuers = {cfg.issuer: _Issuer(cfg) for cfg in issuers}
+        self._any = self._issuers.get(None)
+        self._algorithms = frozenset(a for i in self._issuers.values() for a in i.algorithms)
+
+    @property
+    def configured(self) -> bool:
+        """True when at least one issuer is configured."""
+        return bool(self._issuers)
+
+    def verify(self, token: str) -> Identity:
+        """The Identity a valid token carries; raises Unauthenticated with a precise reason."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed_token", "malformed token") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise Unauthenticated("algorithm_not_allowed", "token algorithm not allowed")
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP):
+            raise Unauthenticated("bad_token_type", "token type not accepted")
+        issuer = self._pick_issuer(token)
+        if alg not in issuer.algorithms:
+            raise Unauthenticated("algorithm_not_allowed", "token algorithm not allowed")
+        cfg = issuer.config
+        claims = decode_checked(
+            token,
+            issuer.key,
+            algorithm=alg,
+            audiences=issuer.audiences,
+            issuer=issuer.name,
+            leeway=cfg.leeway,
+            required=cfg.required_claims,
+        )
+        return self._identity(claims, cfg)
+
+    def _pick_issuer(self, token: str) -> _Issuer:
+        if self._any is not None:
+            return self._any
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed_token", "malformed token") from None
+        iss = unverified.get("iss")
+        issuer = self._issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise Unauthenticated("wrong_issuer", "wrong issuer")
+        return issuer
+
+    @staticmethod
+    def _identity(claims: Mapping[str, Any], cfg: IssuerConfig) -> Identity:
+        m = cfg.claims
+        subject = claims.get(m.subject)
+        if isinstance(subject, int) and not isinstance(subject, bool):
+            subject = str(subject)
+        if not isinstance(subject, str) or not _header_safe(subject):
+            raise Unauthenticated("invalid_claim", "token has no usable subject")
+        tenant = claims.get(m.tenant)
+        if tenant is not None:
+            tenant = str(tenant)
+            if not _header_safe(tenant):
+                raise Unauthenticated("invalid_claim", "token has an unusable tenant")
+        roles = tuple(r for r in _strings(claims.get(m.roles)) if _header_safe(r))
+        permissions = frozenset(_strings(claims.get(m.permissions)))
+        amr = claims.get(m.mfa)
+        if amr is True:
+            mfa = True
+        else:
+            mfa = any(v in cfg.mfa_values for v in _strings(amr))
+        service = claims.get("token_type") == "service"
+        return Identity(
+            subject=subject,
+            method="jwt",
+            tenant=tenant,
+            roles=roles,
+            permissions=permissions,
+            mfa=mfa,
+            service=service,
+        )
+
+
+def _default_expiry_minutes() -> float:
+    raw = os.environ.get("DOTMAC_JWT_ACCESS_TOKEN_EXPIRE_MINUTES", "15")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"DOTMAC_JWT_ACCESS_TOKEN_EXPIRE_MINUTES: expected a number of minutes, got {raw!r}"
+        ) from None
+
+
+class JWTService:
+    """Mint and verify tokens (the seed's API).
+
+    HS*: `JWTService(secret_key="...", algorithm="HS256")`.
+    RS*/ES*/EdDSA: `JWTService(algorithm="RS256", private_key=PEM, public_key=PEM)`; with only
+    a public key it can verify but not mint.
+    """
+
+    def __init__(
+        self,
+        secret_key: str | bytes | None = None,
+        algorithm: str = "HS256",
+        *,
+        private_key: str | bytes | None = None,
+        public_key: str | bytes | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        access_token_expire_minutes: float | None = None,
+        leeway: float = 0.0,
+    ) -> None:
+        if algorithm.lower() == "none" or algorithm not in HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS:
+            raise ValueError(f"unsupported algorithm {algorithm!r}")
+        self.algorithm = algorithm
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+        self.expire_minutes = (
+            access_token_expire_minutes
+            if access_token_expire_minutes is not None
+            else _default_expiry_minutes()
+        )
+        self._signing: Any
+        self._verifying: Any
+        if algorithm in HMAC_ALGORITHMS:
+            if not secret_key:
+                raise ValueError(f"{algorithm} needs secret_key")
+            key = secret_key.encode() if isinstance(secret_key, str) else secret_key
+            self._signing = self._verifying = key
+        else:
+            if secret_key is not None:
+                raise ValueError(f"{algorithm} takes private_key/public_key, not secret_key")
+            self._signing = (
+                serialization.load_pem_private_key(_pem(private_key), password=None)
+                if private_key is not None
+                else None
+            )
+            if public_key is not None:
+                self._verifying = serialization.load_pem_public_key(_pem(public_key))
+            elif self._signing is not None:
+                self._verifying = self._signing.public_key()
+            else:
+                raise ValueError(f"{algorithm} needs private_key or public_key")
+
+    def _encode(self, claims: dict[str, Any], expires: timedelta | float | None) -> str:
+        if self._signing is None:
+            raise ValueError("this JWTService has no private key and cannot mint tokens")
+        now = int(time.time())
+        if expires is None:
+            seconds = self.expire_minutes * 60
+        elif isinstance(expires, timedelta):
+            seconds = expires.total_seconds()
+        else:
+            seconds = float(expires)
+        payload: dict[str, Any] = {"iat": now, "nbf": now, "exp": now + int(seconds)}
+        payload["jti"] = uuid.uuid4().hex
+        if self.issuer:
+            payload["iss"] = self.issuer
+        if self.audience:
+            payload["aud"] = self.audience
+        payload.update(claims)
+        return jwt.encode(payload, self._signing, algorithm=self.algorithm, headers={"typ": "JWT"})
+
+    def create_access_token(
+        self,
+        subject: str,
+        permissions: Iterable[str] | None = None,
+        *,
+        roles: Iterable[str] | None = None,
+        tenant_id: str | None = None,
+        expires_delta: timedelta | float | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A signed access token for `subject`; expiry in seconds or a timedelta."""
+        claims: dict[str, Any] = {"sub": subject, "token_type": "access"}
+        if permissions is not None:
+            claims["permissions"] = list(permissions)
+        if roles is not None:
+            claims["roles"] = list(roles)
+        if tenant_id is not None:
+            claims["tenant_id"] = tenant_id
+        if extra_claims:
+            claims.update(extra_claims)
+        return self._encode(claims, expires_delta)
+
+    def create_service_token(
+        self,
+        service: str,
+        audience: str,
+        permissions: Iterable[str] | None = None,
+        expires_delta: timedelta | float | None = None,
+    ) -> str:
+        """A token for service-to-service calls; its identity is marked as a service."""
+        claims: dict[str, Any] = {"sub": service, "aud": audience, "token_type": "service"}
+        if permissions is not None:
+            claims["permissions"] = list(permissions)
+        return self._encode(claims, expires_delta)
+
+    def verify_token(self, token: str, audience: str | None = None) -> dict[str, Any]:
+        """The claims of a valid token; raises Unauthenticated with a precise reason."""
+        aud = audience or self.audience
+        return decode_checked(
+            token,
+            self._verifying,
+            algorithm=self.algorithm,
+            audiences=[aud] if aud else None,
+            issuer=self.issuer,
+            leeway=self.leeway,
+            required=("exp", "sub"),
+        )
+
+
+def _pem(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value

@@ -1,0 +1,131 @@
+"""The `dotmac-sidecar` command (contract section 1): parse, call, print, exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sidecar import __version__
+from sidecar.errors import SidecarError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sidecar import config
+    from sidecar.app import run
+
+    flags: dict[str, Any] = {}
+    for key in ("listen", "upstream", "policy", "admin_listen"):
+        value = getattr(args, key)
+        if value is not None:
+            flags[key] = value
+    cfg = config.load(Path(args.config) if args.config else None, flags=flags)
+    return run(cfg)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_demo(args.port, args.admin_port)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from sidecar.auth.jwt import JWTService
+    from sidecar.config import parse_duration
+
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise SidecarError(f"--ttl: {exc}") from None
+    listed = {
+        "roles": [r for r in (args.roles or "").split(",") if r],
+        "permissions": [p for p in (args.permissions or "").split(",") if p],
+    }
+    if args.secret_env:
+        secret = os.environ.get(args.secret_env)
+        if not secret:
+            raise SidecarError(f"--secret-env: environment variable {args.secret_env} is not set")
+        service = JWTService(secret_key=secret, algorithm=args.algorithm or "HS256",
+                             issuer=args.issuer, audience=args.audience)
+    else:
+        try:
+            pem = Path(args.key).read_bytes()
+        except OSError as exc:
+            raise SidecarError(f"--key: cannot read {args.key}: {exc.strerror}") from None
+        try:
+            service = JWTService(algorithm=args.algorithm or "RS256", private_key=pem,
+                                 issuer=args.issuer, audience=args.audience)
+        except (ValueError, TypeError) as exc:
+            raise SidecarError(f"--key: {args.key} is not a usable private key ({exc})") from None
+    token = service.create_access_token(
+        args.sub,
+        permissions=listed["permissions"] or None,
+        roles=listed["roles"] or None,
+        tenant_id=args.tenant,
+        expires_delta=ttl,
+        extra_claims={"amr": ["pwd", "mfa"]} if args.mfa else None,
+    )
+    print(token)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="dotmac-sidecar",
+        description="Authenticate, authorize and instrument requests in front of an app.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", help="sidecar.yaml (default: $DOTMAC_CONFIG)")
+    run.add_argument("--listen", help="HOST:PORT for clients (default 0.0.0.0:8000)")
+    run.add_argument("--upstream", help="URL of the app (default http://127.0.0.1:8080)")
+    run.add_argument("--policy", help="policy file or folder (default policies/)")
+    run.add_argument("--admin-listen", dest="admin_listen",
+                     help="HOST:PORT for /healthz /readyz /metrics (default 127.0.0.1:9090)")
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="run an echo app behind the sidecar, print curl lines")
+    demo.add_argument("--port", type=int, default=8000, help="sidecar port (default 8000, "
+                      "or a free one)")
+    demo.add_argument("--admin-port", type=int, default=9090, dest="admin_port",
+                      help="admin port (default 9090, or a free one)")
+    demo.set_defaults(func=_demo)
+
+    token = sub.add_parser("token", help="mint a token for local testing")
+    key = token.add_mutually_exclusive_group(required=True)
+    key.add_argument("--secret-env", help="variable holding the HMAC secret")
+    key.add_argument("--key", help="PEM private key file (RS*/ES*/EdDSA)")
+    token.add_argument("--sub", required=True, help="subject")
+    token.add_argument("--roles", help="comma-separated roles")
+    token.add_argument("--permissions", help="comma-separated permissions")
+    token.add_argument("--tenant", help="tenant id")
+    token.add_argument("--ttl", default="15m", help="lifetime, e.g. 15m (default)")
+    token.add_argument("--issuer", help="iss claim")
+    token.add_argument("--audience", help="aud claim")
+    token.add_argument("--algorithm", help="HS256 (default with --secret-env), RS256 (--key)")
+    token.add_argument("--mfa", action="store_true", help="mark the token as MFA-completed")
+    token.set_defaults(func=_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `dotmac-sidecar`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except SidecarError as exc:
+        if args.debug:
+            raise
+        print(f"dotmac-sidecar: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""The request path: canonical path, rule, authentication, headers, streaming forward."""

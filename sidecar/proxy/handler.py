@@ -1,0 +1,284 @@
+"""handle(): the request path, in order, and nothing else.
+
+canonical path -> match rule -> authenticate -> authorize -> strip + set headers -> forward
+
+Every exception becomes a response in exactly one place (`ProxyHandler.__call__`), and
+every request, answered or refused, leaves one access-log line and one metrics sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.auth.authenticate import Authenticator
+from sidecar.auth.identity import Identity
+from sidecar.config import ProxyConfig
+from sidecar.errors import BadRequest, MethodNotAllowed, Rejected, Unauthenticated
+from sidecar.observability import logging as logs
+from sidecar.observability.metrics import Metrics
+from sidecar.observability.tracing import TraceContext
+from sidecar.policy.decide import authorize, match
+from sidecar.policy.model import Policy, Rule
+from sidecar.proxy.forward import Forwarder
+from sidecar.proxy.headers import HeaderRules, request_id
+from sidecar.proxy.paths import canonical
+from sidecar.proxy.server import error_body
+
+_NEVER_PROXIED = frozenset({"TRACE", "TRACK", "CONNECT"})
+
+
+class Exchange:
+    """What one request has gathered on its way through; read by the access log."""
+
+    __slots__ = ("auth_method", "decision", "path", "reason", "request_id", "rule",
+                 "trace", "upstream_s")
+
+    def __init__(self, rid: str, trace: TraceContext) -> None:
+        self.request_id = rid
+        self.trace = trace
+        self.rule = "-"
+        self.decision = ""
+        self.reason = ""
+        self.auth_method = ""
+        self.path = ""
+        self.upstream_s: list[float] = [-1.0]
+
+
+def error_response(rejection: Rejected, rid: str) -> web.Response:
+    """The JSON error response of contract section 6 for a rejection."""
+    headers = rejection.headers()
+    headers["X-Request-ID"] = rid
+    return web.Response(
+        status=rejection.status,
+        body=error_body(rejection.status, rejection.reason, rejection.message, rid),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class ProxyHandler:
+    """The request handler of the proxy port; `policy` is swapped whole on reload."""
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        authenticator: Authenticator,
+        forwarder: Forwarder,
+        headers: HeaderRules,
+        metrics: Metrics,
+        proxy: ProxyConfig,
+    ) -> None:
+        self.policy = policy
+        self.authenticator = authenticator
+        self.forwarder = forwarder
+        self.headers = headers
+        self.metrics = metrics
+        self.proxy = proxy
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        ex = Exchange(
+            request_id(request.headers.get("X-Request-ID")),
+            TraceContext.from_header(request.headers.get("traceparent")),
+        )
+        self.metrics.in_flight.inc()
+        status = 500
+        try:
+            response = await self._handle(request, ex)
+            status = response.status
+        except Rejected as rejection:
+            response = self._refuse(rejection, ex)
+            status = rejection.status
+        except Exception:
+            logs.LOG.exception(
+                "request failed", extra={"fields": {"request_id": ex.request_id}}
+            )
+            response = self._refuse(Rejected(500, "internal_error", "internal error"), ex)
+        finally:
+            self.metrics.in_flight.dec()
+        self._finish(request, ex, status, time.perf_counter() - started)
+        return response
+
+    def _refuse(self, rejection: Rejected, ex: Exchange) -> web.Response:
+        ex.reason = rejection.reason
+        if rejection.status in (401, 403) and not ex.decision:
+            ex.decision = "deny"
+        if rejection.status == 401:
+            self.metrics.auth_failures.labels(ex.auth_method or "none", rejection.reason).inc()
+        return error_response(rejection, ex.request_id)
+
+    def _finish(self, request: web.BaseRequest, ex: Exchange, status: int, seconds: float) -> None:
+        upstream = ex.upstream_s[0]
+        self.metrics.observe(ex.rule, request.method, status, seconds,
+                             upstream if upstream >= 0 else None)
+        if ex.decision:
+            self.metrics.decisions.labels(ex.rule, ex.decision).inc()
+        elif ex.rule == "-" and ex.reason:
+            self.metrics.rejected.labels(ex.reason).inc()
+        logs.access(
+            {
+                "request_id": ex.request_id,
+                "trace_id": ex.trace.trace_id,
+                "method": request.method,
+                "path": ex.path,
+                "rule": ex.rule,
+                "decision": ex.decision,
+                "reason": ex.reason,
+                "status": status,
+                "auth_method": ex.auth_method,
+                "upstream_ms": round(upstream * 1000, 3) if upstream >= 0 else None,
+                "duration_ms": round(seconds * 1000, 3),
+            }
+        )
+
+    async def _handle(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+        # 1. the request itself: method, version, target
+        method = request.method
+        if method in _NEVER_PROXIED:
+            raise MethodNotAllowed(method)
+        version = request.version
+        if version.major != 1:
+            if version.major >= 2:
+                raise Rejected(505, "http_version_not_supported", "only HTTP/1.x on this port")
+            raise BadRequest("http_0_9", "HTTP/0.9 is not accepted")
+        target = request.raw_path
+        if len(target) > self.proxy.max_target_bytes:
+            raise Rejected(414, "uri_too_long", "request target too long")
+        path, query = canonical(target, allow_encoded_slashes=self.proxy.allow_encoded_slashes)
+        ex.path = path
+
+        # 2. the rule
+        policy = self.policy
+        found = match(policy, method, path)
+        if found is None:
+            ex.rule = "none"
+            ex.decision = "deny"
+            raise Rejected(403, "no_matching_rule", "no rule allows this request")
+        rule, params = found
+        ex.rule = rule.name
+
+        # 3. authenticate and authorize
+        identity = self._decide(request, rule, params, policy, ex)
+
+        # 4. headers the app trusts
+        if request.headers.get("Expect", "").lower() == "100-continue" and version.minor >= 1:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        outgoing = self.headers.upstream(
+            request.headers,
+            self._sidecar_headers(request, rule, identity, ex),
+            strip_credentials=identity is not None,
+            websocket=_is_websocket(request),
+        )
+
+        # 5. forward
+        if _is_websocket(request):
+            return await self.forwarder.forward_websocket(request, path, query, outgoing)
+        return await self.forwarder.forward(request, path, query, outgoing, ex.upstream_s)
+
+    def _decide(
+        self,
+        request: web.BaseRequest,
+        rule: Rule,
+        params: dict[str, str],
+        policy: Policy,
+        ex: Exchange,
+    ) -> Identity | None:
+        """The caller's identity if the rule lets the request through; raises otherwise."""
+        shadow = rule.mode == "shadow"
+        identity: Identity | None = None
+        try:
+            if rule.deny:
+                raise Rejected(403, "denied_by_rule", "denied by policy")
+            if rule.public:
+                ex.auth_method = "public"
+                ex.decision = "allow"
+                return None
+            try:
+                identity = self.authenticator.authenticate(request.headers, rule.authn)
+            except Unauthenticated:
+                ex.auth_method = "jwt" if request.headers.get("Authorization") else ""
+                raise
+            ex.auth_method = identity.method
+            failed = authorize(policy, rule, identity, params)
+            if failed is not None:
+                raise Rejected(403, failed, "not allowed by policy")
+        except Rejected as rejection:
+            if not shadow or rejection.status not in (401, 403):
+                raise
+            ex.decision = "shadow_deny"
+            ex.reason = rejection.reason
+            if rejection.status == 401:
+                identity = None
+                ex.auth_method = "public"
+            logs.event(logging.INFO, "shadow_deny", request_id=ex.request_id,
+                       rule=rule.name, reason=rejection.reason)
+            return identity
+        ex.decision = "shadow_allow" if shadow else "allow"
+        return identity
+
+    def _sidecar_headers(
+        self,
+        request: web.BaseRequest,
+        rule: Rule,
+        identity: Identity | None,
+        ex: Exchange,
+    ) -> list[tuple[str, str]]:
+        h = self.headers
+        out: list[tuple[str, str]] = []
+        if identity is None:
+            out.append((h.method, "public"))
+        else:
+            out.append((h.subject, identity.subject))
+            if identity.tenant is not None:
+                out.append((h.tenant, identity.tenant))
+            if identity.roles:
+                out.append((h.roles, ",".join(identity.roles)))
+            out.append((h.method, identity.method))
+        out.append((h.rule, rule.name))
+        out.append(("X-Request-ID", ex.request_id))
+        out.append(("traceparent", ex.trace.traceparent()))
+        peer = request.remote
+        if peer:
+            out.append(("X-Forwarded-For", peer))
+        out.append(("X-Forwarded-Proto", "https" if request.secure else "http"))
+        host = request.headers.get("Host")
+        if host:
+            out.append(("X-Forwarded-Host", host))
+        return out
+
+
+def _is_websocket(request: web.BaseRequest) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+    )
+
+
+def reject_hook(metrics: Metrics) -> Any:
+    """The hook the listening protocol calls for requests it refuses itself."""
+
+    def on_reject(status: int, reason: str, rid: str) -> None:
+        metrics.requests.labels("-", "OTHER", f"{status // 100}xx").inc()
+        metrics.rejected.labels(reason).inc()
+        logs.access(
+            {
+                "request_id": rid,
+                "trace_id": None,
+                "method": None,
+                "path": None,
+                "rule": "-",
+                "decision": "",
+                "reason": reason,
+                "status": status,
+                "auth_method": "",
+                "upstream_ms": None,
+                "duration_ms": None,
+            }
+        )
+
+    return on_reject

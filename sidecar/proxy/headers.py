@@ -1,0 +1,129 @@
+"""Headers in both directions: strip what a client could spoof, set what the app trusts.
+
+Compiled once from the config (`HeaderRules`); per request it is one pass over the
+client's headers. A header named in `Connection` is dropped from what the client sent,
+before the sidecar adds its own, so it can never remove a header the sidecar sets.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded from a client: routing/identity hints an app might trust, the method
+# override family, and what the sidecar itself answers or sets (Expect, trace context).
+_CLIENT_STRIP = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-uri",
+        "x-envoy-original-path",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "expect",
+        "traceparent",
+        "x-request-id",
+    }
+)
+_WEBSOCKET_HANDSHAKE = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept"}
+)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+
+
+def request_id(client_value: str | None) -> str:
+    """The client's X-Request-ID when it is a sane token, else a new one."""
+    if client_value and _REQUEST_ID.match(client_value):
+        return client_value
+    return secrets.token_hex(16)
+
+
+def _tokens(values: Iterable[str]) -> set[str]:
+    return {t.strip().lower().replace("_", "-") for v in values for t in v.split(",") if t.strip()}
+
+
+class HeaderRules:
+    """What to strip and what to call the identity headers, compiled from the config."""
+
+    def __init__(
+        self,
+        identity_prefix: str,
+        secret_headers: Iterable[str] = (),
+        strip_authorization: bool = False,
+    ) -> None:
+        self.prefix = identity_prefix.lower()
+        p = identity_prefix
+        self.subject = p + "Subject"
+        self.tenant = p + "Tenant"
+        self.roles = p + "Roles"
+        self.method = p + "Method"
+        self.rule = p + "Rule"
+        self.secret_names = frozenset(h.lower().replace("_", "-") for h in secret_headers)
+        self.strip_from_client = _CLIENT_STRIP | HOP_BY_HOP | self.secret_names
+        self.credential_headers = frozenset({"authorization"}) if strip_authorization else frozenset()
+
+    def upstream(
+        self,
+        client: CIMultiDictProxy[str],
+        set_headers: list[tuple[str, str]],
+        *,
+        strip_credentials: bool = False,
+        websocket: bool = False,
+    ) -> CIMultiDict[str]:
+        """The headers the app receives: the client's, cleaned, then the sidecar's own."""
+        out: CIMultiDict[str] = CIMultiDict()
+        strip = self.strip_from_client
+        prefix = self.prefix
+        named: set[str] | None = None
+        for name, value in client.items():
+            key = name.lower()
+            if "_" in key:
+                key = key.replace("_", "-")
+            if key in strip or key.startswith(prefix) or key.startswith("x-forwarded-"):
+                if key == "connection":
+                    named = _tokens([value]) if named is None else named | _tokens([value])
+                continue
+            if websocket and key in _WEBSOCKET_HANDSHAKE:
+                continue
+            if strip_credentials and key in self.credential_headers:
+                continue
+            out.add(name, value)
+        if named:
+            for key in list(out.keys()):
+                if key.lower().replace("_", "-") in named:
+                    out.popall(key, None)
+        out.extend(set_headers)
+        return out
+
+    def downstream(self, upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+        """The headers the client receives from the app's response."""
+        out: CIMultiDict[str] = CIMultiDict()
+        named: set[str] = set()
+        for value in upstream.getall("Connection", ()):
+            named |= _tokens([value])
+        drop = HOP_BY_HOP | self.secret_names | named
+        for name, value in upstream.items():
+            key = name.lower()
+            if key in drop or key.replace("_", "-") in self.secret_names:
+                continue
+            out.add(name, value)
+        return out
