@@ -48,16 +48,24 @@ def _token(args: argparse.Namespace) -> int:
         secret = os.environ.get(args.secret_env)
         if not secret:
             raise SidecarError(f"--secret-env: environment variable {args.secret_env} is not set")
-        service = JWTService(secret_key=secret, algorithm=args.algorithm or "HS256",
-                             issuer=args.issuer, audience=args.audience)
+        service = JWTService(
+            secret_key=secret,
+            algorithm=args.algorithm or "HS256",
+            issuer=args.issuer,
+            audience=args.audience,
+        )
     else:
         try:
             pem = Path(args.key).read_bytes()
         except OSError as exc:
             raise SidecarError(f"--key: cannot read {args.key}: {exc.strerror}") from None
         try:
-            service = JWTService(algorithm=args.algorithm or "RS256", private_key=pem,
-                                 issuer=args.issuer, audience=args.audience)
+            service = JWTService(
+                algorithm=args.algorithm or "RS256",
+                private_key=pem,
+                issuer=args.issuer,
+                audience=args.audience,
+            )
         except (ValueError, TypeError) as exc:
             raise SidecarError(f"--key: {args.key} is not a usable private key ({exc})") from None
     token = service.create_access_token(
@@ -87,15 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT for clients (default 0.0.0.0:8000)")
     run.add_argument("--upstream", help="URL of the app (default http://127.0.0.1:8080)")
     run.add_argument("--policy", help="policy file or folder (default policies/)")
-    run.add_argument("--admin-listen", dest="admin_listen",
-                     help="HOST:PORT for /healthz /readyz /metrics (default 127.0.0.1:9090)")
+    run.add_argument(
+        "--admin-listen",
+        dest="admin_listen",
+        help="HOST:PORT for /healthz /readyz /metrics (default 127.0.0.1:9090)",
+    )
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="run an echo app behind the sidecar, print curl lines")
-    demo.add_argument("--port", type=int, default=8000, help="sidecar port (default 8000, "
-                      "or a free one)")
-    demo.add_argument("--admin-port", type=int, default=9090, dest="admin_port",
-                      help="admin port (default 9090, or a free one)")
+    demo.add_argument(
+        "--port", type=int, default=8000, help="sidecar port (default 8000, or a free one)"
+    )
+    demo.add_argument(
+        "--admin-port",
+        type=int,
+        default=9090,
+        dest="admin_port",
+        help="admin port (default 9090, or a free one)",
+    )
     demo.set_defaults(func=_demo)
 
     token = sub.add_parser("token", help="mint a token for local testing")

@@ -329,8 +329,9 @@ def _issuer(
     issuer = r.get("issuer", _str, "")
     if not issuer:
         raise r.fail("issuer", "an issuer is required (the exact `iss` of its tokens)")
-    audiences = r.get("audiences", _str_list, ())
-    algorithms = r.get("algorithms", _str_list, ())
+    none: tuple[str, ...] = ()
+    audiences = r.get("audiences", _str_list, none)
+    algorithms = r.get("algorithms", _str_list, none)
     if "jwks_url" in item:
         r.seen.add("jwks_url")
         raise r.fail("jwks_url", "JWKS key sets are not available in this version yet")
@@ -350,10 +351,13 @@ def _issuer(
     cookie = r.get("cookie", _str, "")
     if query_param or cookie:
         key_at_fault = "query_param" if query_param else "cookie"
-        raise r.fail(key_at_fault, "tokens outside Authorization are not available in this "
-                     "version yet")
-    mfa_values = r.get("mfa_values", _str_list, ("mfa",))
-    required = r.get("required_claims", _str_list, ("exp", "sub"))
+        raise r.fail(
+            key_at_fault, "tokens outside Authorization are not available in this version yet"
+        )
+    mfa_default: tuple[str, ...] = ("mfa",)
+    required_default: tuple[str, ...] = ("exp", "sub")
+    mfa_values = r.get("mfa_values", _str_list, mfa_default)
+    required = r.get("required_claims", _str_list, required_default)
     r.get("jwks_refresh", parse_duration, 300.0)
     r.finish()
     return _make_issuer(
@@ -441,7 +445,10 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[Any, Origin]]:
         if env.get(var):
             layer[key] = (env[var], var)
     if env.get("DOTMAC_PROMETHEUS_PORT"):
-        layer["admin_listen"] = (f"127.0.0.1:{env['DOTMAC_PROMETHEUS_PORT']}", "DOTMAC_PROMETHEUS_PORT")
+        layer["admin_listen"] = (
+            f"127.0.0.1:{env['DOTMAC_PROMETHEUS_PORT']}",
+            "DOTMAC_PROMETHEUS_PORT",
+        )
     return layer
 
 

@@ -69,8 +69,9 @@ async def _demo(port: int, admin_port: int) -> int:
     )
     sidecar = Sidecar(config)
     await sidecar.start()
-    minter = JWTService(secret_key=secret, issuer=ISSUER, audience=AUDIENCE,
-                        access_token_expire_minutes=60)
+    minter = JWTService(
+        secret_key=secret, issuer=ISSUER, audience=AUDIENCE, access_token_expire_minutes=60
+    )
     support = minter.create_access_token("alice", roles=["support"])
     user = minter.create_access_token("bob", roles=["user"])
     base = f"http://127.0.0.1:{sidecar.listen_port}"

@@ -13,10 +13,10 @@ import hashlib
 from aiohttp import WSMsgType, web
 
 
-async def _echo(request: web.BaseRequest) -> web.StreamResponse:
+async def handle(request: web.BaseRequest) -> web.StreamResponse:
     if request.path == "/ws" and request.headers.get("Upgrade", "").lower() == "websocket":
         ws = web.WebSocketResponse(protocols=("echo",))
-        await ws.prepare(request)  # type: ignore[arg-type]
+        await ws.prepare(request)
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await ws.send_str("echo:" + msg.data)
@@ -57,7 +57,7 @@ async def _echo(request: web.BaseRequest) -> web.StreamResponse:
 
 def echo_server() -> web.Server:
     """The echo app as a low-level aiohttp server (sees raw paths, no routing)."""
-    return web.Server(_echo)
+    return web.Server(handle)
 
 
 async def start_echo(host: str = "127.0.0.1", port: int = 0) -> tuple[web.ServerRunner, int]:

@@ -94,8 +94,7 @@ class Unauthenticated(Rejected):
         description = self.message.replace('"', "'")
         return {
             "WWW-Authenticate": (
-                'Bearer realm="dotmac", error="invalid_token", '
-                f'error_description="{description}"'
+                f'Bearer realm="dotmac", error="invalid_token", error_description="{description}"'
             )
         }
 

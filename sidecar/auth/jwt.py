@@ -28,7 +28,9 @@ from sidecar.auth.identity import Identity
 from sidecar.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, IssuerConfig
 from sidecar.errors import ConfigError, Unauthenticated
 
-PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+PublicKey = (
+    rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+)
 _ACCEPTED_TYP = frozenset({"jwt", "at+jwt", "application/at+jwt"})
 
 
@@ -208,10 +210,7 @@ class TokenVerifier:
         roles = tuple(r for r in _strings(claims.get(m.roles)) if _header_safe(r))
         permissions = frozenset(_strings(claims.get(m.permissions)))
         amr = claims.get(m.mfa)
-        if amr is True:
-            mfa = True
-        else:
-            mfa = any(v in cfg.mfa_values for v in _strings(amr))
+        mfa = amr is True or any(v in cfg.mfa_values for v in _strings(amr))
         service = claims.get("token_type") == "service"
         return Identity(
             subject=subject,

@@ -30,8 +30,17 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9\-_]*$")
 _TEMPLATE_VAR = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _ROLE_KEYS = {"permissions", "inherits", "description"}
-_RULE_KEYS = {"name", "paths", "methods", "public", "deny", "authn", "require", "mode",
-              "description"}
+_RULE_KEYS = {
+    "name",
+    "paths",
+    "methods",
+    "public",
+    "deny",
+    "authn",
+    "require",
+    "mode",
+    "description",
+}
 _REQUIRE_KEYS = {"permissions", "roles", "tenant", "subject", "mfa", "any_of"}
 
 
@@ -114,7 +123,8 @@ def compile_sources(sources: list[tuple[str, str]]) -> Policy:
         rule = _read_rule(node, where, index, roles)
         if rule.name in names:
             raise PolicyError(
-                node.where("name"), f"name: rule '{rule.name}' is already defined at {names[rule.name]}"
+                node.where("name"),
+                f"name: rule '{rule.name}' is already defined at {names[rule.name]}",
             )
         names[rule.name] = node.where("name")
         for text in rule.paths:
@@ -188,7 +198,9 @@ def _bool(node: yamldoc.LocatedDict, key: str, label: str) -> bool:
     return value
 
 
-def _template(node: yamldoc.LocatedDict, key: str, label: str, variables: frozenset[str]) -> Template:
+def _template(
+    node: yamldoc.LocatedDict, key: str, label: str, variables: frozenset[str]
+) -> Template:
     value = node.get(key)
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
@@ -243,7 +255,9 @@ def _requirement(
         if not isinstance(raw, yamldoc.LocatedList) or not raw:
             raise PolicyError(node.where("any_of"), f"{label}.any_of: expected a list of branches")
         for i, branch in enumerate(raw):
-            branches.append(_requirement(branch, raw.where(i), f"{label}.any_of[{i}]", roles, variables))
+            branches.append(
+                _requirement(branch, raw.where(i), f"{label}.any_of[{i}]", roles, variables)
+            )
     if not node:
         raise PolicyError(where, f"{label}: empty requirement (remove it, or list conditions)")
     return Requirement(
@@ -256,7 +270,9 @@ def _requirement(
     )
 
 
-def _read_rule(node: yamldoc.LocatedDict, where: str, index: int, roles: Mapping[str, Role]) -> Rule:
+def _read_rule(
+    node: yamldoc.LocatedDict, where: str, index: int, roles: Mapping[str, Role]
+) -> Rule:
     for key in node:
         if key not in _RULE_KEYS:
             raise PolicyError(
@@ -265,12 +281,16 @@ def _read_rule(node: yamldoc.LocatedDict, where: str, index: int, roles: Mapping
             )
     name = node.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise PolicyError(node.where("name"), f"rules[{index}].name: every rule needs a simple name")
+        raise PolicyError(
+            node.where("name"), f"rules[{index}].name: every rule needs a simple name"
+        )
     label = f"rule '{name}'"
     paths = _string_list(node, "paths", f"{label}.paths")
     if not paths:
-        raise PolicyError(node.where("paths") if "paths" in node else where,
-                          f"{label}.paths: list at least one path pattern")
+        raise PolicyError(
+            node.where("paths") if "paths" in node else where,
+            f"{label}.paths: list at least one path pattern",
+        )
     variables: frozenset[str] | None = None
     for text in paths:
         try:
@@ -283,8 +303,10 @@ def _read_rule(node: yamldoc.LocatedDict, where: str, index: int, roles: Mapping
         listed = _string_list(node, "methods", f"{label}.methods")
         for m in listed:
             if not _METHOD.match(m):
-                raise PolicyError(node.where("methods"), f"{label}.methods: bad method {m!r} "
-                                  "(methods are upper case, e.g. GET)")
+                raise PolicyError(
+                    node.where("methods"),
+                    f"{label}.methods: bad method {m!r} (methods are upper case, e.g. GET)",
+                )
         if not listed:
             raise PolicyError(node.where("methods"), f"{label}.methods: list at least one method")
         methods = frozenset(listed) | ({"HEAD"} if "GET" in listed else frozenset())
@@ -295,24 +317,36 @@ def _read_rule(node: yamldoc.LocatedDict, where: str, index: int, roles: Mapping
         kinds = _string_list(node, "authn", f"{label}.authn")
         for k in kinds:
             if k not in CREDENTIAL_KINDS:
-                raise PolicyError(node.where("authn"), f"{label}.authn: unknown credential kind "
-                                  f"'{k}' (expected {', '.join(sorted(CREDENTIAL_KINDS))})")
+                raise PolicyError(
+                    node.where("authn"),
+                    f"{label}.authn: unknown credential kind "
+                    f"'{k}' (expected {', '.join(sorted(CREDENTIAL_KINDS))})",
+                )
         if not kinds:
             raise PolicyError(node.where("authn"), f"{label}.authn: list at least one kind")
         authn = frozenset(kinds)
     require = None
     if "require" in node:
-        require = _requirement(node["require"], node.where("require"), f"{label}.require", roles,
-                               variables or frozenset())
+        require = _requirement(
+            node["require"],
+            node.where("require"),
+            f"{label}.require",
+            roles,
+            variables or frozenset(),
+        )
     mode = node.get("mode", "enforce")
     if mode not in ("enforce", "shadow"):
-        raise PolicyError(node.where("mode"), f"{label}.mode: expected enforce or shadow, got {mode!r}")
+        raise PolicyError(
+            node.where("mode"), f"{label}.mode: expected enforce or shadow, got {mode!r}"
+        )
     if public and deny:
         raise PolicyError(node.where("deny"), f"{label}: a rule cannot be both public and deny")
     if (public or deny) and (require is not None or authn is not None):
         key = "require" if require is not None else "authn"
-        raise PolicyError(node.where(key), f"{label}.{key}: has no effect on a "
-                          f"{'public' if public else 'deny'} rule")
+        raise PolicyError(
+            node.where(key),
+            f"{label}.{key}: has no effect on a {'public' if public else 'deny'} rule",
+        )
     return Rule(
         name=name,
         index=index,

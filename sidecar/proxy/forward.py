@@ -192,8 +192,9 @@ class Forwarder:
                 max_msg_size=0,
             )
         except aiohttp.WSServerHandshakeError as exc:
-            raise UpstreamError(502, "upstream_refused_websocket",
-                                f"upstream refused the WebSocket ({exc.status})") from None
+            raise UpstreamError(
+                502, "upstream_refused_websocket", f"upstream refused the WebSocket ({exc.status})"
+            ) from None
         except Exception as exc:
             raise _upstream_error(exc) from None
         client_ws = web.WebSocketResponse(
@@ -201,7 +202,7 @@ class Forwarder:
             autoping=False,
             max_msg_size=0,
         )
-        await client_ws.prepare(request)  # type: ignore[arg-type]
+        await client_ws.prepare(request)
 
         async def pump(
             source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
@@ -237,7 +238,9 @@ class Forwarder:
 
 def _upstream_error(exc: BaseException) -> UpstreamError:
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamError(502, "upstream_connect_timeout", "upstream did not accept the connection in time")
+        return UpstreamError(
+            502, "upstream_connect_timeout", "upstream did not accept the connection in time"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError(502, "upstream_unreachable", "upstream refused the connection")
     if isinstance(exc, TimeoutError):

@@ -34,8 +34,16 @@ _NEVER_PROXIED = frozenset({"TRACE", "TRACK", "CONNECT"})
 class Exchange:
     """What one request has gathered on its way through; read by the access log."""
 
-    __slots__ = ("auth_method", "decision", "path", "reason", "request_id", "rule",
-                 "trace", "upstream_s")
+    __slots__ = (
+        "auth_method",
+        "decision",
+        "path",
+        "reason",
+        "request_id",
+        "rule",
+        "trace",
+        "upstream_s",
+    )
 
     def __init__(self, rid: str, trace: TraceContext) -> None:
         self.request_id = rid
@@ -95,9 +103,7 @@ class ProxyHandler:
             response = self._refuse(rejection, ex)
             status = rejection.status
         except Exception:
-            logs.LOG.exception(
-                "request failed", extra={"fields": {"request_id": ex.request_id}}
-            )
+            logs.LOG.exception("request failed", extra={"fields": {"request_id": ex.request_id}})
             response = self._refuse(Rejected(500, "internal_error", "internal error"), ex)
         finally:
             self.metrics.in_flight.dec()
@@ -114,8 +120,9 @@ class ProxyHandler:
 
     def _finish(self, request: web.BaseRequest, ex: Exchange, status: int, seconds: float) -> None:
         upstream = ex.upstream_s[0]
-        self.metrics.observe(ex.rule, request.method, status, seconds,
-                             upstream if upstream >= 0 else None)
+        self.metrics.observe(
+            ex.rule, request.method, status, seconds, upstream if upstream >= 0 else None
+        )
         if ex.decision:
             self.metrics.decisions.labels(ex.rule, ex.decision).inc()
         elif ex.rule == "-" and ex.reason:
@@ -215,8 +222,13 @@ class ProxyHandler:
             if rejection.status == 401:
                 identity = None
                 ex.auth_method = "public"
-            logs.event(logging.INFO, "shadow_deny", request_id=ex.request_id,
-                       rule=rule.name, reason=rejection.reason)
+            logs.event(
+                logging.INFO,
+                "shadow_deny",
+                request_id=ex.request_id,
+                rule=rule.name,
+                reason=rejection.reason,
+            )
             return identity
         ex.decision = "shadow_allow" if shadow else "allow"
         return identity
@@ -253,10 +265,7 @@ class ProxyHandler:
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
-    return (
-        request.method == "GET"
-        and request.headers.get("Upgrade", "").lower() == "websocket"
-    )
+    return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
 def reject_hook(metrics: Metrics) -> Any:

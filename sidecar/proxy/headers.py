@@ -45,7 +45,12 @@ _CLIENT_STRIP = frozenset(
     }
 )
 _WEBSOCKET_HANDSHAKE = frozenset(
-    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept"}
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+    }
 )
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
@@ -79,7 +84,9 @@ class HeaderRules:
         self.rule = p + "Rule"
         self.secret_names = frozenset(h.lower().replace("_", "-") for h in secret_headers)
         self.strip_from_client = _CLIENT_STRIP | HOP_BY_HOP | self.secret_names
-        self.credential_headers = frozenset({"authorization"}) if strip_authorization else frozenset()
+        self.credential_headers = (
+            frozenset({"authorization"}) if strip_authorization else frozenset()
+        )
 
     def upstream(
         self,

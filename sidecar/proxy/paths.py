@@ -23,7 +23,9 @@ def canonical(target: str, *, allow_encoded_slashes: bool = False) -> tuple[str,
     """(normalized path, raw query string) of a request target, or BadRequest."""
     if not target.startswith("/"):
         if "://" in target:
-            raise BadRequest("absolute_form_target", "absolute-form request targets are not accepted")
+            raise BadRequest(
+                "absolute_form_target", "absolute-form request targets are not accepted"
+            )
         raise BadRequest("bad_target", "the request target must be a path starting with '/'")
     path, _, query = target.partition("?")
     bad = _FORBIDDEN_RAW.search(target)

@@ -70,6 +70,8 @@ def _parser_error(exc: BaseException | None) -> tuple[int, str, str]:
         return 400, "ambiguous_framing", "ambiguous message framing"
     if "Host" in text:
         return 400, "missing_host", "HTTP/1.1 request without Host"
+    if "header" in text.lower():
+        return 400, "bad_header", "malformed header"
     return 400, "malformed_request", "malformed HTTP request"
 
 
@@ -89,7 +91,10 @@ class GuardedProtocol(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         manager = self._manager
-        if isinstance(manager, ProxyServer) and len(manager.connections) > self._limits.max_connections:
+        if (
+            isinstance(manager, ProxyServer)
+            and len(manager.connections) > self._limits.max_connections
+        ):
             self._reject(503, "too_many_connections", "too many open connections")
             return
         self._arm_header_timer()

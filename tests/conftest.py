@@ -1,0 +1,291 @@
+"""Shared fixtures: real keys, a recording echo upstream, sidecars in-process or as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from prometheus_client import CollectorRegistry
+
+from sidecar import config as config_mod
+from sidecar import echo
+from sidecar.app import Sidecar, free_port
+
+HERE = Path(__file__).parent
+ISSUER = "https://issuer.test"
+AUDIENCE = "orders"
+HS_ISSUER = "hs-issuer"
+EC_ISSUER = "https://ec.test"
+HS_SECRET = "test-hmac-secret-0123456789abcdef0123456789"
+
+
+@dataclass
+class Keys:
+    rsa_private: rsa.RSAPrivateKey
+    rsa_public_pem: bytes
+    rsa_public_file: Path
+    ec_private: ec.EllipticCurvePrivateKey
+    ec_public_file: Path
+    rsa_private_file: Path
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    d = tmp_path_factory.mktemp("keys")
+    priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pub_pem = priv.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (d / "rsa.pub.pem").write_bytes(pub_pem)
+    (d / "rsa.pem").write_bytes(
+        priv.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ecp = ec.generate_private_key(ec.SECP256R1())
+    (d / "ec.pub.pem").write_bytes(
+        ecp.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return Keys(priv, pub_pem, d / "rsa.pub.pem", ecp, d / "ec.pub.pem", d / "rsa.pem")
+
+
+def make_token(keys: Keys, alg: str = "RS256", *, headers: dict[str, Any] | None = None,
+               **claims: Any) -> str:
+    """A token signed with the test keys; claims default to a valid RS256 access token."""
+    now = int(time.time())
+    payload: dict[str, Any] = {
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "u1", "iat": now, "nbf": now, "exp": now + 300,
+    }
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    key: Any
+    if alg.startswith("RS") or alg.startswith("PS"):
+        key = keys.rsa_private
+    elif alg.startswith("ES"):
+        key = keys.ec_private
+    else:
+        key = HS_SECRET
+    return jwt.encode(payload, key, algorithm=alg, headers=headers)
+
+
+@dataclass
+class Upstream:
+    """A real aiohttp echo server that also records what reached it."""
+
+    port: int
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    record = Upstream(0)
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        record.seen.append(
+            {"method": request.method, "path": request.raw_path,
+             "headers": list(request.headers.items())}
+        )
+        return await echo.handle(request)
+
+    runner = web.ServerRunner(web.Server(handler), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    record.port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    yield record
+    await runner.cleanup()
+
+
+def write_config(tmp: Path, keys: Keys, upstream_url: str, policy: Path | str,
+                 extra: str = "") -> Path:
+    """A sidecar.yaml for tests: an RS256 issuer and an HS256 issuer."""
+    cfg = tmp / "sidecar.yaml"
+    cfg.write_text(
+        f"""
+listen: "127.0.0.1:0"
+admin_listen: "127.0.0.1:0"
+upstream: "{upstream_url}"
+policy: "{policy}"
+auth:
+  jwt:
+    - issuer: "{ISSUER}"
+      audiences: ["{AUDIENCE}"]
+      algorithms: ["RS256"]
+      public_key_file: "{keys.rsa_public_file}"
+      leeway: 5s
+    - issuer: "{EC_ISSUER}"
+      audiences: ["{AUDIENCE}"]
+      algorithms: ["ES256"]
+      public_key_file: "{keys.ec_public_file}"
+    - issuer: "{HS_ISSUER}"
+      algorithms: ["HS256"]
+      secret_env: TEST_HS_SECRET
+{extra}
+"""
+    )
+    return cfg
+
+
+@dataclass
+class Running:
+    sidecar: Sidecar
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar.listen_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar.admin_port}"
+
+
+SidecarFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_sidecar(
+    tmp_path: Path, keys: Keys
+) -> AsyncIterator[SidecarFactory]:
+    started: list[Sidecar] = []
+
+    async def factory(upstream_url: str, *, policy: Path | str = HERE / "policies/proxy.yaml",
+                      extra: str = "") -> Running:
+        cfg_file = write_config(tmp_path, keys, upstream_url, policy, extra)
+        cfg = config_mod.load(cfg_file, env={"TEST_HS_SECRET": HS_SECRET})
+        sc = Sidecar(cfg, registry=CollectorRegistry())
+        await sc.start()
+        started.append(sc)
+        return Running(sc)
+
+    yield factory
+    for sc in started:
+        await sc.stop()
+
+
+@pytest.fixture
+async def proxy(make_sidecar: SidecarFactory, upstream: Upstream) -> Running:
+    running: Running = await make_sidecar(upstream.url)
+    return running
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes or `timeout` passes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if _complete(b"".join(chunks)):
+                    break
+    except TimeoutError:
+        pass
+    writer.close()
+    return b"".join(chunks)
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return False
+
+
+def status_of(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/") else 0
+
+
+# ------------------------------------------------------------------------------------------
+# Sidecar as a separate process (for signals and memory)
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    port: int
+    admin_port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def wait_ready(admin_port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"sidecar exited early: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"sidecar not ready in {timeout}s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def sidecar_process(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Process]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream_url: str, extra: str = "") -> Process:
+        port, admin_port = free_port(), free_port()
+        cfg = write_config(tmp_path, keys, upstream_url, HERE / "policies/proxy.yaml", extra)
+        log = tmp_path / f"sidecar-{len(procs)}.log"
+        env = dict(os.environ, TEST_HS_SECRET=HS_SECRET)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "run", "--config", str(cfg),
+                 "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}"],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )
+        procs.append(proc)
+        wait_ready(admin_port, proc, log)
+        return Process(proc, port, admin_port, log)
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
