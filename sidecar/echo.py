@@ -31,7 +31,7 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         resp.content_length = total
         await resp.prepare(request)
         block = b"x" * 65536
-        sent = 0
+        sent = 0 if request.method != "HEAD" else total
         while sent < total:
             part = block[: min(len(block), total - sent)]
             await resp.write(part)
@@ -62,7 +62,7 @@ def echo_server() -> web.Server:
 
 async def start_echo(host: str = "127.0.0.1", port: int = 0) -> tuple[web.ServerRunner, int]:
     """Start the echo app; returns its runner (for cleanup) and bound port."""
-    runner = web.ServerRunner(echo_server(), handle_signals=False)
+    runner = web.ServerRunner(echo_server(), handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -109,7 +109,7 @@ async def upstream() -> AsyncIterator[Upstream]:
         )
         return await echo.handle(request)
 
-    runner = web.ServerRunner(web.Server(handler), handle_signals=False)
+    runner = web.ServerRunner(web.Server(handler), handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

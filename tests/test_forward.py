@@ -1,0 +1,202 @@
+"""Forwarding: streaming without buffering, upstream failures, WebSocket, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import psutil
+import pytest
+
+from sidecar.app import free_port
+from tests.conftest import Keys, Process, Running, SidecarFactory, Upstream, make_token
+
+MB = 1024 * 1024
+
+
+async def _watch_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
+    proc = psutil.Process(pid)
+    while not stop.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        await asyncio.sleep(0.02)
+
+
+async def test_100mb_each_way_streams_without_buffering(
+    sidecar_process: Callable[..., Process], upstream: Upstream, keys: Keys
+) -> None:
+    proc = sidecar_process(upstream.url)
+    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
+    size = 100 * MB
+    block = bytes(range(256)) * 256  # 64 KiB
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        async with client.get(f"{proc.url}/app/warmup", headers=auth) as r:
+            assert r.status == 200
+        baseline = psutil.Process(proc.proc.pid).memory_info().rss
+        peak = [baseline]
+        stop = asyncio.Event()
+        watcher = asyncio.ensure_future(_watch_rss(proc.proc.pid, peak, stop))
+
+        expected = hashlib.sha256()
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(size // len(block)):
+                expected.update(block)
+                yield block
+
+        async with client.post(f"{proc.url}/app/upload", data=body(),
+                               headers={**auth, "Content-Length": str(size)}) as r:
+            assert r.status == 200
+            echoed = await r.json()
+        assert echoed["body_bytes"] == size
+        assert echoed["body_sha256"] == expected.hexdigest()
+
+        received = 0
+        async with client.get(f"{proc.url}/big?bytes={size}", headers=auth) as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_chunked(MB):
+                received += len(chunk)
+        assert received == size
+        stop.set()
+        await watcher
+    growth = (peak[0] - baseline) / MB
+    assert growth < 30, f"sidecar RSS grew by {growth:.1f} MB while streaming 2 x 100 MB"
+
+
+async def test_upstream_down_is_502_within_connect_timeout(
+    make_sidecar: SidecarFactory, keys: Keys
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    running: Running = await make_sidecar(dead, extra="proxy:\n  connect_timeout: 1s\n")
+    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
+    async with aiohttp.ClientSession() as client:
+        started = time.monotonic()
+        async with client.get(f"{running.url}/app/x", headers=auth) as r:
+            body = await r.json()
+        assert r.status == 502
+        assert time.monotonic() - started < 1.0
+    assert body["error"] == "bad_gateway"
+    assert body["reason"] == "upstream_unreachable"
+
+
+async def test_slow_upstream_is_504(
+    make_sidecar: SidecarFactory, upstream: Upstream, keys: Keys
+) -> None:
+    running: Running = await make_sidecar(upstream.url,
+                                          extra="proxy:\n  upstream_timeout: 400ms\n")
+    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
+    async with aiohttp.ClientSession() as client:
+        started = time.monotonic()
+        async with client.get(f"{running.url}/slow?ms=3000", headers=auth) as r:
+            body = await r.json()
+        elapsed = time.monotonic() - started
+        assert r.status == 504
+        assert 0.3 < elapsed < 2.0
+        assert body["error"] == "gateway_timeout"
+        # a fast answer on the same sidecar still works
+        async with client.get(f"{running.url}/slow?ms=10", headers=auth) as r:
+            assert r.status == 200
+
+
+async def test_request_body_limit_413(
+    make_sidecar: SidecarFactory, upstream: Upstream, keys: Keys
+) -> None:
+    running: Running = await make_sidecar(upstream.url, extra="proxy:\n  max_body_bytes: 1000\n")
+    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{running.url}/app/x", data=b"x" * 2000, headers=auth) as r:
+            assert r.status == 413
+            assert (await r.json())["error"] == "payload_too_large"
+
+        async def chunked() -> AsyncIterator[bytes]:
+            for _ in range(4):
+                yield b"y" * 600
+
+        async with client.post(f"{running.url}/app/x", data=chunked(), headers=auth) as r:
+            assert r.status == 413
+        async with client.post(f"{running.url}/app/x", data=b"x" * 900, headers=auth) as r:
+            assert r.status == 200
+    # the declared-too-large body never reached the app; the small one did, whole
+    assert all(s["path"] == "/app/x" for s in upstream.seen)
+    assert ("Content-Length", "900") in upstream.seen[-1]["headers"]
+
+
+async def test_response_headers_and_bytes_pass_untouched(
+    proxy: Running, upstream: Upstream, keys: Keys
+) -> None:
+    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}",
+            "Accept-Encoding": "gzip"}
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        async with client.get(f"{proxy.url}/big?bytes=12345", headers=auth) as r:
+            assert r.status == 200
+            assert r.headers["Content-Length"] == "12345"
+            assert r.headers["Content-Type"] == "application/octet-stream"
+            assert len(await r.read()) == 12345
+        async with client.head(f"{proxy.url}/big?bytes=500", headers=auth) as r:
+            assert r.status == 200
+
+
+async def test_websocket_passthrough_after_checks(
+    proxy: Running, upstream: Upstream, keys: Keys
+) -> None:
+    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
+    async with aiohttp.ClientSession() as client:
+        async with client.ws_connect(f"{proxy.url}/ws", headers=auth, protocols=["echo"]) as ws:
+            assert ws.protocol == "echo"
+            await ws.send_str("hi")
+            assert (await ws.receive_str(timeout=5)) == "echo:hi"
+            await ws.send_bytes(b"\x00\x01")
+            assert (await ws.receive_bytes(timeout=5)) == b"\x00\x01"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            async with client.ws_connect(f"{proxy.url}/ws"):
+                pass
+        assert info.value.status == 401
+    seen = [s for s in upstream.seen if s["path"] == "/ws"]
+    assert len(seen) == 1
+    names = {k.lower() for k, _ in seen[0]["headers"]}
+    assert "x-auth-subject" in names
+
+
+async def test_sigterm_drains_in_flight_then_exits_0(
+    sidecar_process: Callable[..., Process], upstream: Upstream, keys: Keys
+) -> None:
+    proc = sidecar_process(upstream.url)
+    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
+    async with aiohttp.ClientSession() as client:
+        in_flight = asyncio.ensure_future(client.get(f"{proc.url}/slow?ms=1500", headers=auth))
+        await asyncio.sleep(0.4)
+        proc.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        # no new connections are accepted while draining
+        with pytest.raises(OSError):
+            _, w = await asyncio.open_connection("127.0.0.1", proc.port)
+            w.close()
+        resp = await in_flight
+        assert resp.status == 200
+        assert (await resp.json())["path"] == "/slow"
+        resp.release()
+    code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 10)
+    assert code == 0, proc.log.read_text()[-2000:]
+    assert "stopped" in proc.log.read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+async def test_drain_timeout_bounds_shutdown(
+    sidecar_process: Callable[..., Process], upstream: Upstream, keys: Keys, sig: int
+) -> None:
+    proc = sidecar_process(upstream.url, extra="proxy:\n  drain_timeout: 500ms\n")
+    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
+    async with aiohttp.ClientSession() as client:
+        in_flight = asyncio.ensure_future(client.get(f"{proc.url}/slow?ms=10000", headers=auth))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        proc.proc.send_signal(sig)
+        code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 10)
+        assert code == 0
+        assert time.monotonic() - started < 3.0
+        with pytest.raises(aiohttp.ClientError):
+            resp = await in_flight
+            await resp.read()
