@@ -67,12 +67,18 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     return Keys(priv, pub_pem, d / "rsa.pub.pem", ecp, d / "ec.pub.pem", d / "rsa.pem")
 
 
-def make_token(keys: Keys, alg: str = "RS256", *, headers: dict[str, Any] | None = None,
-               **claims: Any) -> str:
+def make_token(
+    keys: Keys, alg: str = "RS256", *, headers: dict[str, Any] | None = None, **claims: Any
+) -> str:
     """A token signed with the test keys; claims default to a valid RS256 access token."""
     now = int(time.time())
     payload: dict[str, Any] = {
-        "iss": ISSUER, "aud": AUDIENCE, "sub": "u1", "iat": now, "nbf": now, "exp": now + 300,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "u1",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
     }
     payload.update(claims)
     payload = {k: v for k, v in payload.items() if v is not None}
@@ -104,8 +110,11 @@ async def upstream() -> AsyncIterator[Upstream]:
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         record.seen.append(
-            {"method": request.method, "path": request.raw_path,
-             "headers": list(request.headers.items())}
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "headers": list(request.headers.items()),
+            }
         )
         return await echo.handle(request)
 
@@ -118,8 +127,9 @@ async def upstream() -> AsyncIterator[Upstream]:
     await runner.cleanup()
 
 
-def write_config(tmp: Path, keys: Keys, upstream_url: str, policy: Path | str,
-                 extra: str = "") -> Path:
+def write_config(
+    tmp: Path, keys: Keys, upstream_url: str, policy: Path | str, extra: str = ""
+) -> Path:
     """A sidecar.yaml for tests: an RS256 issuer and an HS256 issuer."""
     cfg = tmp / "sidecar.yaml"
     cfg.write_text(
@@ -165,13 +175,12 @@ SidecarFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def make_sidecar(
-    tmp_path: Path, keys: Keys
-) -> AsyncIterator[SidecarFactory]:
+async def make_sidecar(tmp_path: Path, keys: Keys) -> AsyncIterator[SidecarFactory]:
     started: list[Sidecar] = []
 
-    async def factory(upstream_url: str, *, policy: Path | str = HERE / "policies/proxy.yaml",
-                      extra: str = "") -> Running:
+    async def factory(
+        upstream_url: str, *, policy: Path | str = HERE / "policies/proxy.yaml", extra: str = ""
+    ) -> Running:
         cfg_file = write_config(tmp_path, keys, upstream_url, policy, extra)
         cfg = config_mod.load(cfg_file, env={"TEST_HS_SECRET": HS_SECRET})
         sc = Sidecar(cfg, registry=CollectorRegistry())
@@ -196,14 +205,14 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, read until the server closes or `timeout` passes."""
+async def raw_exchange(port: int, data: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes or `wait` seconds pass."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     await writer.drain()
     chunks = []
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             while True:
                 chunk = await reader.read(65536)
                 if not chunk:
@@ -248,7 +257,9 @@ class Process:
         return f"http://127.0.0.1:{self.port}"
 
 
-def wait_ready(admin_port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+def wait_ready(
+    admin_port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20
+) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -276,9 +287,21 @@ def sidecar_process(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Proces
         env = dict(os.environ, TEST_HS_SECRET=HS_SECRET)
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "run", "--config", str(cfg),
-                 "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}"],
-                stdout=out, stderr=subprocess.STDOUT, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "sidecar",
+                    "run",
+                    "--config",
+                    str(cfg),
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--admin-listen",
+                    f"127.0.0.1:{admin_port}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         procs.append(proc)
         wait_ready(admin_port, proc, log)

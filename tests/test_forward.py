@@ -47,8 +47,9 @@ async def test_100mb_each_way_streams_without_buffering(
                 expected.update(block)
                 yield block
 
-        async with client.post(f"{proc.url}/app/upload", data=body(),
-                               headers={**auth, "Content-Length": str(size)}) as r:
+        async with client.post(
+            f"{proc.url}/app/upload", data=body(), headers={**auth, "Content-Length": str(size)}
+        ) as r:
             assert r.status == 200
             echoed = await r.json()
         assert echoed["body_bytes"] == size
@@ -85,8 +86,7 @@ async def test_upstream_down_is_502_within_connect_timeout(
 async def test_slow_upstream_is_504(
     make_sidecar: SidecarFactory, upstream: Upstream, keys: Keys
 ) -> None:
-    running: Running = await make_sidecar(upstream.url,
-                                          extra="proxy:\n  upstream_timeout: 400ms\n")
+    running: Running = await make_sidecar(upstream.url, extra="proxy:\n  upstream_timeout: 400ms\n")
     auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
     async with aiohttp.ClientSession() as client:
         started = time.monotonic()
@@ -127,8 +127,10 @@ async def test_request_body_limit_413(
 async def test_response_headers_and_bytes_pass_untouched(
     proxy: Running, upstream: Upstream, keys: Keys
 ) -> None:
-    auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}",
-            "Accept-Encoding": "gzip"}
+    auth = {
+        "Authorization": f"Bearer {make_token(keys, roles=['admin'])}",
+        "Accept-Encoding": "gzip",
+    }
     async with aiohttp.ClientSession(auto_decompress=False) as client:
         async with client.get(f"{proxy.url}/big?bytes=12345", headers=auth) as r:
             assert r.status == 200

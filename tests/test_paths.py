@@ -71,8 +71,18 @@ def test_query_kept_raw_and_encoded_slash_opt_in() -> None:
 
 @pytest.mark.parametrize(
     "target",
-    [b"/a/../../x", b"/admin%2Fx", b"/a\\b", b"/a;b", b"/%2561dmin", b"/a\x00b", b"/a%00b",
-     b"http://evil/admin", b"/public/%2e%2e/%2e%2e/admin", b"/app/\xc3\xa9"],
+    [
+        b"/a/../../x",
+        b"/admin%2Fx",
+        b"/a\\b",
+        b"/a;b",
+        b"/%2561dmin",
+        b"/a\x00b",
+        b"/a%00b",
+        b"http://evil/admin",
+        b"/public/%2e%2e/%2e%2e/admin",
+        b"/app/\xc3\xa9",
+    ],
 )
 async def test_malformed_targets_never_reach_the_app(
     proxy: Running, upstream: Upstream, keys: Keys, target: bytes
@@ -80,7 +90,10 @@ async def test_malformed_targets_never_reach_the_app(
     token = make_token(keys, roles=["admin"])
     raw = await raw_exchange(
         proxy.sidecar.listen_port,
-        b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + token.encode()
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+        + token.encode()
         + b"\r\nConnection: close\r\n\r\n",
     )
     assert status_of(raw) == 400, raw[:300]
@@ -97,8 +110,11 @@ async def test_dot_segments_are_matched_and_forwarded_resolved(
     for target in (b"/public/../admin", b"/public/%2e%2e/admin", b"/public//..//admin"):
         raw = await raw_exchange(
             proxy.sidecar.listen_port,
-            b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
-            + token.encode() + b"\r\nConnection: close\r\n\r\n",
+            b"GET "
+            + target
+            + b" HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+            + token.encode()
+            + b"\r\nConnection: close\r\n\r\n",
         )
         assert status_of(raw) == 200, raw[:300]
     assert [s["path"] for s in upstream.seen] == ["/admin"] * 3
@@ -117,7 +133,8 @@ async def test_trailing_slash_ignored_for_matching_but_forwarded(
     token = make_token(keys, roles=["support"])
     raw = await raw_exchange(
         proxy.sidecar.listen_port,
-        b"GET /api/users/?q=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + token.encode()
+        b"GET /api/users/?q=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+        + token.encode()
         + b"\r\nConnection: close\r\n\r\n",
     )
     assert status_of(raw) == 200

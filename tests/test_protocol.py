@@ -31,11 +31,20 @@ GOOD = "Host: a\r\nConnection: close\r\n"
         (b"GET /app/x HTTP/2.0\r\n" + GOOD.encode() + b"\r\n", 505, b"http_version_not_supported"),
         (b"GET /app/x\r\n\r\n", 400, b"http_0_9"),
         (b"GET /app/x HTTP/1.1\r\nConnection: close\r\n\r\n", 400, b"missing_host"),
-        (b"POST /app/x HTTP/1.1\r\n" + GOOD.encode()
-         + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
-         b"ambiguous_framing"),
-        (b"POST /app/x HTTP/1.1\r\n" + GOOD.encode()
-         + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400, b"ambiguous_framing"),
+        (
+            b"POST /app/x HTTP/1.1\r\n"
+            + GOOD.encode()
+            + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            b"ambiguous_framing",
+        ),
+        (
+            b"POST /app/x HTTP/1.1\r\n"
+            + GOOD.encode()
+            + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            400,
+            b"ambiguous_framing",
+        ),
         (b"GET /app/x HTTP/1.1\r\n" + GOOD.encode() + b"Bad Header: x\r\n\r\n", 400, b"bad_header"),
     ],
 )
@@ -118,13 +127,19 @@ async def test_keep_alive_serves_several_requests(
     token = make_token(keys, roles=["admin"]).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sidecar.listen_port)
     for i in range(3):
-        writer.write(b"GET /app/%d HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s\r\n\r\n"
-                     % (i, token))
+        writer.write(
+            b"GET /app/%d HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s\r\n\r\n" % (i, token)
+        )
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length")))
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
         await reader.readexactly(length)
     writer.close()
     assert [s["path"] for s in upstream.seen] == ["/app/0", "/app/1", "/app/2"]
@@ -135,8 +150,10 @@ async def test_expect_100_continue_only_after_authorization(
 ) -> None:
     token = make_token(keys, roles=["admin"]).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sidecar.listen_port)
-    writer.write(b"POST /app/up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
-                 b"Expect: 100-continue\r\nAuthorization: Bearer " + token + b"\r\n\r\n")
+    writer.write(
+        b"POST /app/up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\nAuthorization: Bearer " + token + b"\r\n\r\n"
+    )
     await writer.drain()
     async with asyncio.timeout(5):
         interim = await reader.readuntil(b"\r\n\r\n")
@@ -150,8 +167,9 @@ async def test_expect_100_continue_only_after_authorization(
 
     # no credential: the final 401 comes at once and no 100 is ever sent
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sidecar.listen_port)
-    writer.write(b"POST /app/up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
-                 b"Expect: 100-continue\r\n\r\n")
+    writer.write(
+        b"POST /app/up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
     await writer.drain()
     async with asyncio.timeout(5):
         head = await reader.readuntil(b"\r\n\r\n")

@@ -43,7 +43,9 @@ async def test_allowed_request_gets_exactly_the_identity_headers(
         assert resp.status == 200
         body = await resp.json()
     seen = _headers_seen(body)
-    identity = [(k.lower(), v) for k, v in seen if k.lower().replace("_", "-").startswith("x-auth-")]
+    identity = [
+        (k.lower(), v) for k, v in seen if k.lower().replace("_", "-").startswith("x-auth-")
+    ]
     assert sorted(identity) == sorted(
         [
             ("x-auth-subject", "alice"),
@@ -75,7 +77,9 @@ async def test_hmac_and_ec_issuers_and_public_rule(
             assert r.status == 200
     # an ES256 token presented as the RSA issuer's is refused
     cross = make_token(keys, "ES256", roles=["support"])
-    async with client.get(f"{proxy.url}/api/users", headers={"Authorization": f"Bearer {cross}"}) as r:
+    async with client.get(
+        f"{proxy.url}/api/users", headers={"Authorization": f"Bearer {cross}"}
+    ) as r:
         assert r.status == 401
     async with client.get(f"{proxy.url}/public/x", headers={"X-Auth-Subject": "eve"}) as r:
         assert r.status == 200
@@ -95,16 +99,34 @@ def _forge_hs256_with_public_key(keys: Keys) -> str:
 
     now = int(time.time())
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    payload = b64(json.dumps({"iss": "https://issuer.test", "aud": "orders", "sub": "u1",
-                              "exp": now + 300, "roles": ["admin"]}).encode())
+    payload = b64(
+        json.dumps(
+            {
+                "iss": "https://issuer.test",
+                "aud": "orders",
+                "sub": "u1",
+                "exp": now + 300,
+                "roles": ["admin"],
+            }
+        ).encode()
+    )
     signing_input = f"{header}.{payload}".encode()
     sig = hmac.new(keys.rsa_public_pem, signing_input, hashlib.sha256).digest()
     return f"{header}.{payload}.{b64(sig)}"
 
 
 def _alg_none(keys: Keys) -> str:
-    return jwt.encode({"iss": "https://issuer.test", "aud": "orders", "sub": "u1",
-                       "exp": int(time.time()) + 300, "roles": ["admin"]}, None, algorithm="none")
+    return jwt.encode(
+        {
+            "iss": "https://issuer.test",
+            "aud": "orders",
+            "sub": "u1",
+            "exp": int(time.time()) + 300,
+            "roles": ["admin"],
+        },
+        None,
+        algorithm="none",
+    )
 
 
 @pytest.mark.parametrize(
@@ -123,8 +145,12 @@ def _alg_none(keys: Keys) -> str:
     ],
 )
 async def test_bad_tokens_get_401_with_the_contract_body(
-    proxy: Running, upstream: Upstream, client: aiohttp.ClientSession, keys: Keys,
-    case: str, reason: str,
+    proxy: Running,
+    upstream: Upstream,
+    client: aiohttp.ClientSession,
+    keys: Keys,
+    case: str,
+    reason: str,
 ) -> None:
     now = int(time.time())
     good = make_token(keys, roles=["admin"])
@@ -140,8 +166,9 @@ async def test_bad_tokens_get_401_with_the_contract_body(
         "garbage": "not.a.token",
         "comma_joined": f"{good}, {good}",
     }
-    async with client.get(f"{proxy.url}/admin/x",
-                          headers={"Authorization": f"Bearer {tokens[case]}"}) as resp:
+    async with client.get(
+        f"{proxy.url}/admin/x", headers={"Authorization": f"Bearer {tokens[case]}"}
+    ) as resp:
         assert resp.status == 401
         assert resp.headers["Content-Type"].startswith("application/json")
         challenge = resp.headers["WWW-Authenticate"]
@@ -171,8 +198,12 @@ async def test_forbidden_and_unmatched(
     async with client.get(f"{proxy.url}/api/users", headers=user) as resp:
         assert resp.status == 403
         body = await resp.json()
-        assert body == {"error": "forbidden", "message": "not allowed by policy",
-                        "reason": "missing_permission", "request_id": body["request_id"]}
+        assert body == {
+            "error": "forbidden",
+            "message": "not allowed by policy",
+            "reason": "missing_permission",
+            "request_id": body["request_id"],
+        }
     for anonymous in (True, False):
         async with client.get(f"{proxy.url}/nowhere", headers={} if anonymous else user) as resp:
             assert resp.status == 403
@@ -214,8 +245,10 @@ async def test_multiple_credentials_are_ambiguous(
     token = make_token(keys, roles=["admin"])
     raw = await raw_exchange(
         proxy.sidecar.listen_port,
-        (f"GET /admin/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\n"
-         f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n").encode(),
+        (
+            f"GET /admin/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\n"
+            f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ).encode(),
     )
     assert status_of(raw) == 400
     assert b"multiple_credentials" in raw
@@ -225,8 +258,9 @@ async def test_multiple_credentials_are_ambiguous(
 async def test_hmac_secret_never_in_responses(
     proxy: Running, client: aiohttp.ClientSession, keys: Keys
 ) -> None:
-    async with client.get(f"{proxy.url}/admin/x",
-                          headers={"Authorization": "Bearer " + make_token(keys, "HS256")}) as r:
+    async with client.get(
+        f"{proxy.url}/admin/x", headers={"Authorization": "Bearer " + make_token(keys, "HS256")}
+    ) as r:
         text = await r.text()
     assert r.status == 401
     assert HS_SECRET not in text

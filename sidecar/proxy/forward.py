@@ -120,8 +120,12 @@ class Forwarder:
         query: str,
         headers: CIMultiDict[str],
         timing: list[float],
+        request_id: str,
     ) -> web.StreamResponse:
-        """Stream `request` to the app and its answer back; timing[0] gets upstream seconds."""
+        """Stream `request` to the app and its answer back; timing[0] gets upstream seconds.
+
+        The client gets X-Request-ID back unless the app set its own.
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
         guard: _BodyGuard | None = None
@@ -147,10 +151,11 @@ class Forwarder:
                 raise guard.error from None
             raise _upstream_error(exc) from None
         try:
+            out = self._headers.downstream(upstream.headers)
+            if "X-Request-ID" not in out:
+                out["X-Request-ID"] = request_id
             response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=self._headers.downstream(upstream.headers),
+                status=upstream.status, reason=upstream.reason, headers=out
             )
             await response.prepare(request)
             try:

@@ -185,7 +185,9 @@ class ProxyHandler:
         # 5. forward
         if _is_websocket(request):
             return await self.forwarder.forward_websocket(request, path, query, outgoing)
-        return await self.forwarder.forward(request, path, query, outgoing, ex.upstream_s)
+        return await self.forwarder.forward(
+            request, path, query, outgoing, ex.upstream_s, ex.request_id
+        )
 
     def _decide(
         self,
