@@ -152,3 +152,26 @@ def test_run_refuses_an_invalid_policy_naming_file_and_line(tmp_path: Path) -> N
     assert out.returncode == 1
     assert f"{policy}:4:" in out.stderr
     assert "unknown role 'ghost'" in out.stderr
+
+
+def test_refuses_to_start_without_the_c_http_parser(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "run",
+            "--policy",
+            str(ROOT / "policies"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, AIOHTTP_NO_EXTENSIONS="1"),
+    )
+    assert out.returncode == 1
+    assert "C HTTP parser is not in use" in out.stderr

@@ -64,6 +64,9 @@ async def test_100mb_each_way_streams_without_buffering(
         stop.set()
         await watcher
     growth = (peak[0] - baseline) / MB
+    print(
+        f"\nRSS baseline {baseline / MB:.1f} MB, peak {peak[0] / MB:.1f} MB, growth {growth:.1f} MB"
+    )
     assert growth < 30, f"sidecar RSS grew by {growth:.1f} MB while streaming 2 x 100 MB"
 
 

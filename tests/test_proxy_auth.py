@@ -10,7 +10,16 @@ import aiohttp
 import jwt
 import pytest
 
-from tests.conftest import EC_ISSUER, HS_ISSUER, HS_SECRET, Keys, Running, Upstream, make_token
+from tests.conftest import (
+    EC_ISSUER,
+    HS_ISSUER,
+    HS_SECRET,
+    Keys,
+    Running,
+    SidecarFactory,
+    Upstream,
+    make_token,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -264,3 +273,22 @@ async def test_hmac_secret_never_in_responses(
         text = await r.text()
     assert r.status == 401
     assert HS_SECRET not in text
+
+
+async def test_strip_authorization_hides_the_credential_from_the_app(
+    make_sidecar: SidecarFactory, upstream: Upstream, keys: Keys
+) -> None:
+    running: Running = await make_sidecar(
+        upstream.url, extra="proxy:\n  strip_authorization: true\n"
+    )
+    token = make_token(keys, roles=["admin"])
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{running.url}/app/x", headers={"Authorization": f"Bearer {token}"}) as r,
+    ):
+        assert r.status == 200
+        body = await r.json()
+    names = {k.lower() for k, _ in body["headers"]}
+    assert "authorization" not in names
+    assert "x-auth-subject" in names
+    assert token not in json.dumps(body)
