@@ -80,6 +80,59 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_check(args: argparse.Namespace) -> int:
+    from sidecar.errors import PolicyError
+    from sidecar.policy.lint import warnings
+    from sidecar.policy.load import compile_sources, read_sources
+
+    errors: list[PolicyError] = []
+    policy = compile_sources(read_sources(Path(args.path)), errors)
+    for err in errors:
+        print(f"{err.source}: error: {err.detail}")
+    notes = warnings(policy)
+    for line in notes:
+        print(line)
+    print(
+        f"{len(errors)} errors, {len(notes)} warnings in {len(policy.sources)} files, "
+        f"{len(policy.rules)} rules, {len(policy.roles)} roles"
+    )
+    if errors:
+        return 1
+    return 1 if (args.strict and notes) else 0
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from sidecar.policy.load import load_policy
+    from sidecar.policy.testing import load_cases, run_cases, test_files
+    from sidecar.proxy.paths import canonical
+
+    path = Path(args.path)
+    policy = load_policy(path)
+    files = test_files(path)
+    if not files:
+        raise SidecarError(f"{path}: no *_test.yaml files found beside the policy")
+    lines, passed, failed = run_cases(policy, canonical, load_cases(files))
+    for line in lines:
+        print(line)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    from sidecar.policy.load import load_policy
+    from sidecar.policy.testing import explain, parse_identity_json
+    from sidecar.proxy.paths import canonical
+
+    try:
+        identity = parse_identity_json(args.identity) if args.identity else None
+    except ValueError as exc:
+        print(f"dotmac-sidecar: {exc}", file=sys.stderr)
+        return 2
+    policy = load_policy(Path(args.policy))
+    print(explain(policy, canonical, args.method, args.path, identity))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(
@@ -114,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin port (default 9090, or a free one)",
     )
     demo.set_defaults(func=_demo)
+
+    policy = sub.add_parser("policy", help="check, test and explain policy files")
+    psub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = psub.add_parser("check", help="validate policies; warn about dead rules and roles")
+    check.add_argument("path", help="policy file or folder")
+    check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    check.set_defaults(func=_policy_check)
+    ptest = psub.add_parser("test", help="run the *_test.yaml cases beside the policies")
+    ptest.add_argument("path", help="policy file or folder")
+    ptest.set_defaults(func=_policy_test)
+    expl = psub.add_parser("explain", help="show how the policy decides one request")
+    expl.add_argument("--policy", required=True, help="policy file or folder")
+    expl.add_argument("--method", required=True, help="HTTP method, e.g. GET")
+    expl.add_argument("--path", required=True, help="request path as the client sends it")
+    expl.add_argument("--identity", help='JSON, e.g. {"subject": "u1", "roles": ["user"]}')
+    expl.set_defaults(func=_policy_explain)
 
     token = sub.add_parser("token", help="mint a token for local testing")
     key = token.add_mutually_exclusive_group(required=True)

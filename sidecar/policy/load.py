@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,20 @@ def load_policy(path: Path) -> Policy:
     return compile_sources(read_sources(path))
 
 
-def compile_sources(sources: list[tuple[str, str]]) -> Policy:
-    """Compile already-read policy texts (file name, text) into a Policy."""
+def compile_sources(
+    sources: list[tuple[str, str]], errors: list[PolicyError] | None = None
+) -> Policy:
+    """Compile already-read policy texts (file name, text) into a Policy.
+
+    Without `errors`, the first error is raised. With a list, every error found is
+    appended and the faulty role, rule or file is left out (for `policy check`).
+    """
+
+    def fail(exc: PolicyError) -> None:
+        if errors is None:
+            raise exc
+        errors.append(exc)
+
     roles: dict[str, Role] = {}
     raw_rules: list[tuple[yamldoc.LocatedDict, str]] = []
     digest = hashlib.sha256()
@@ -88,29 +100,36 @@ def compile_sources(sources: list[tuple[str, str]]) -> Policy:
             doc = yamldoc.parse(text, name)
         except yamldoc.YamlError as exc:
             source, _, message = str(exc).partition(": ")
-            raise PolicyError(source, message) from None
+            fail(PolicyError(source, message))
+            continue
         if doc is None:
             continue
         if not isinstance(doc, yamldoc.LocatedDict):
-            raise PolicyError(f"{name}:1", "expected a mapping with `roles` and/or `rules`")
+            fail(PolicyError(f"{name}:1", "expected a mapping with `roles` and/or `rules`"))
+            continue
         for key in doc:
             if key not in ("roles", "rules"):
-                raise PolicyError(doc.where(key), f"unknown key '{key}' (expected roles, rules)")
-        _read_roles(doc.get("roles"), doc, roles)
+                fail(PolicyError(doc.where(key), f"unknown key '{key}' (expected roles, rules)"))
+        _read_roles(doc.get("roles"), doc, roles, fail)
         rules_node = doc.get("rules")
         if rules_node is None:
             continue
         if not isinstance(rules_node, yamldoc.LocatedList):
-            raise PolicyError(doc.where("rules"), "rules: expected a list of rules")
+            fail(PolicyError(doc.where("rules"), "rules: expected a list of rules"))
+            continue
         for i, item in enumerate(rules_node):
             if not isinstance(item, yamldoc.LocatedDict):
-                raise PolicyError(rules_node.where(i), "rules: each rule must be a mapping")
+                fail(PolicyError(rules_node.where(i), "rules: each rule must be a mapping"))
+                continue
             raw_rules.append((item, rules_node.where(i)))
 
-    try:
-        closure = role_closure({name: role.inherits for name, role in roles.items()})
-    except RoleError as exc:
-        raise PolicyError(roles[exc.role].source, f"roles.{exc.role}: {exc}") from None
+    while True:
+        try:
+            closure = role_closure({name: role.inherits for name, role in roles.items()})
+            break
+        except RoleError as exc:
+            fail(PolicyError(roles[exc.role].source, f"roles.{exc.role}: {exc}"))
+            del roles[exc.role]  # collecting: leave the faulty role out and look again
     granted = {
         name: frozenset().union(*(roles[r].permissions for r in members))
         for name, members in closure.items()
@@ -119,13 +138,21 @@ def compile_sources(sources: list[tuple[str, str]]) -> Policy:
     rules: list[Rule] = []
     matcher = PathMatcher()
     names: dict[str, str] = {}
-    for index, (node, where) in enumerate(raw_rules):
-        rule = _read_rule(node, where, index, roles)
+    for node, where in raw_rules:
+        index = len(rules)
+        try:
+            rule = _read_rule(node, where, index, roles)
+        except PolicyError as exc:
+            fail(exc)
+            continue
         if rule.name in names:
-            raise PolicyError(
-                node.where("name"),
-                f"name: rule '{rule.name}' is already defined at {names[rule.name]}",
+            fail(
+                PolicyError(
+                    node.where("name"),
+                    f"name: rule '{rule.name}' is already defined at {names[rule.name]}",
+                )
             )
+            continue
         names[rule.name] = node.where("name")
         for text in rule.paths:
             keys, pattern = parse_pattern(text, index)
@@ -144,32 +171,45 @@ def compile_sources(sources: list[tuple[str, str]]) -> Policy:
     )
 
 
-def _read_roles(node: Any, doc: yamldoc.LocatedDict, roles: dict[str, Role]) -> None:
+def _read_roles(
+    node: Any,
+    doc: yamldoc.LocatedDict,
+    roles: dict[str, Role],
+    fail: Callable[[PolicyError], None],
+) -> None:
     if node is None:
         return
     if not isinstance(node, yamldoc.LocatedDict):
-        raise PolicyError(doc.where("roles"), "roles: expected a mapping of role names")
+        fail(PolicyError(doc.where("roles"), "roles: expected a mapping of role names"))
+        return
     for name, spec in node.items():
-        where = node.where(name)
-        if not _NAME.match(name):
-            raise PolicyError(where, f"roles: bad role name {name!r}")
-        if name in roles:
-            raise PolicyError(where, f"roles.{name}: already defined at {roles[name].source}")
-        if spec is None:
-            spec = yamldoc.LocatedDict(node.source, node.lines[name])
-        if not isinstance(spec, yamldoc.LocatedDict):
-            raise PolicyError(where, f"roles.{name}: expected a mapping")
-        for key in spec:
-            if key not in _ROLE_KEYS:
-                raise PolicyError(spec.where(key), f"roles.{name}: unknown key '{key}'")
-        perms = _permissions(spec, "permissions", f"roles.{name}.permissions")
-        inherits = _string_list(spec, "inherits", f"roles.{name}.inherits")
-        roles[name] = Role(
-            name=name,
-            permissions=frozenset(normalize_permission(p) for p in perms),
-            inherits=tuple(inherits),
-            source=where,
-        )
+        try:
+            _read_role(node, name, spec, roles)
+        except PolicyError as exc:
+            fail(exc)
+
+
+def _read_role(node: yamldoc.LocatedDict, name: str, spec: Any, roles: dict[str, Role]) -> None:
+    where = node.where(name)
+    if not _NAME.match(name):
+        raise PolicyError(where, f"roles: bad role name {name!r}")
+    if name in roles:
+        raise PolicyError(where, f"roles.{name}: already defined at {roles[name].source}")
+    if spec is None:
+        spec = yamldoc.LocatedDict(node.source, node.lines[name])
+    if not isinstance(spec, yamldoc.LocatedDict):
+        raise PolicyError(where, f"roles.{name}: expected a mapping")
+    for key in spec:
+        if key not in _ROLE_KEYS:
+            raise PolicyError(spec.where(key), f"roles.{name}: unknown key '{key}'")
+    perms = _permissions(spec, "permissions", f"roles.{name}.permissions")
+    inherits = _string_list(spec, "inherits", f"roles.{name}.inherits")
+    roles[name] = Role(
+        name=name,
+        permissions=frozenset(normalize_permission(p) for p in perms),
+        inherits=tuple(inherits),
+        source=where,
+    )
 
 
 def _string_list(node: yamldoc.LocatedDict, key: str, label: str) -> list[str]:

@@ -21,7 +21,7 @@ from sidecar.errors import BadRequest, MethodNotAllowed, Rejected, Unauthenticat
 from sidecar.observability import logging as logs
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.tracing import TraceContext
-from sidecar.policy.decide import authorize, match
+from sidecar.policy.decide import match, verdict
 from sidecar.policy.model import Policy, Rule
 from sidecar.proxy.forward import Forwarder
 from sidecar.proxy.headers import HeaderRules, request_id
@@ -201,21 +201,20 @@ class ProxyHandler:
         shadow = rule.mode == "shadow"
         identity: Identity | None = None
         try:
-            if rule.deny:
-                raise Rejected(403, "denied_by_rule", "denied by policy")
-            if rule.public:
-                ex.auth_method = "public"
-                ex.decision = "allow"
-                return None
-            try:
-                identity = self.authenticator.authenticate(request.headers, rule.authn)
-            except Unauthenticated:
-                ex.auth_method = "jwt" if request.headers.get("Authorization") else ""
-                raise
-            ex.auth_method = identity.method
-            failed = authorize(policy, rule, identity, params)
-            if failed is not None:
-                raise Rejected(403, failed, "not allowed by policy")
+            if not (rule.deny or rule.public):
+                try:
+                    identity = self.authenticator.authenticate(request.headers, rule.authn)
+                except Unauthenticated:
+                    ex.auth_method = "jwt" if request.headers.get("Authorization") else ""
+                    raise
+                ex.auth_method = identity.method
+            status, reason = verdict(policy, rule, params, identity)
+            if status == 403:
+                raise Rejected(
+                    403, reason, "denied by policy" if rule.deny else "not allowed by policy"
+                )
+            if status == 401:
+                raise Unauthenticated(reason, "credential required", invalid=False)
         except Rejected as rejection:
             if not shadow or rejection.status not in (401, 403):
                 raise
@@ -223,6 +222,7 @@ class ProxyHandler:
             ex.reason = rejection.reason
             if rejection.status == 401:
                 identity = None
+            if identity is None:
                 ex.auth_method = "public"
             logs.event(
                 logging.INFO,
@@ -232,6 +232,8 @@ class ProxyHandler:
                 reason=rejection.reason,
             )
             return identity
+        if rule.public:
+            ex.auth_method = "public"
         ex.decision = "shadow_allow" if shadow else "allow"
         return identity
 
