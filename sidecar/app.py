@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 from pathlib import Path
@@ -14,14 +15,18 @@ from prometheus_client import CollectorRegistry
 from sidecar.auth.authenticate import Authenticator
 from sidecar.auth.jwt import TokenVerifier
 from sidecar.config import Config
-from sidecar.errors import SidecarError
+from sidecar.errors import PolicyError, SidecarError
 from sidecar.observability import logging as logs
 from sidecar.observability.health import build_admin_app
 from sidecar.observability.metrics import Metrics
 from sidecar.policy.load import load_policy
+from sidecar.policy.model import Policy
+from sidecar.policy.testing import load_cases, run_cases, test_files
+from sidecar.policy.watch import PolicyWatcher
 from sidecar.proxy.forward import Forwarder
 from sidecar.proxy.handler import ProxyHandler, reject_hook
 from sidecar.proxy.headers import HeaderRules
+from sidecar.proxy.paths import canonical
 from sidecar.proxy.server import ProxyServer
 
 
@@ -44,6 +49,12 @@ class Sidecar:
         self.metrics = Metrics(registry)
         self.policy_path = Path(config.policy)
         policy = load_policy(self.policy_path)  # an invalid policy at start is fatal
+        failures = self._policy_test_failures(policy) if config.policy_tests != "off" else []
+        if failures and config.policy_tests == "enforce":
+            raise SidecarError("policy tests failed: " + "; ".join(failures))
+        if failures:
+            logs.event(logging.WARNING, "policy_tests_failed", failures=failures)
+        self.metrics.policy_rules.set(len(policy.rules))
         headers = HeaderRules(
             config.proxy.identity_header_prefix,
             strip_authorization=config.proxy.strip_authorization,
@@ -57,17 +68,54 @@ class Sidecar:
             metrics=self.metrics,
             proxy=config.proxy,
         )
+        self.watcher = PolicyWatcher(
+            self.policy_path,
+            policy,
+            interval=config.policy_reload_interval,
+            on_change=self._swap_policy,
+            on_result=lambda result: self.metrics.policy_reloads.labels(result).inc(),
+            gate=self._policy_test_failures if config.policy_tests != "off" else None,
+            enforce_tests=config.policy_tests == "enforce",
+            test_sources=self._test_sources,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self.draining = False
         self.listen_port = 0
         self.admin_port = 0
 
+    def _swap_policy(self, policy: Policy) -> None:
+        self.handler.policy = policy  # one assignment: requests see the old or the new whole
+        self.metrics.policy_rules.set(len(policy.rules))
+
+    def _test_sources(self) -> list[tuple[str, str]]:
+        out = []
+        for file in test_files(self.policy_path):
+            try:
+                out.append((str(file), file.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError):
+                out.append((str(file), ""))
+        return out
+
+    def _policy_test_failures(self, policy: Policy) -> list[str]:
+        """The failing cases of the *_test.yaml files beside the policy (blocking I/O)."""
+        files = test_files(self.policy_path)
+        if not files:
+            return []
+        try:
+            cases = load_cases(files)
+        except PolicyError as exc:
+            return [str(exc)]
+        lines, _, failed = run_cases(policy, canonical, cases)
+        return [line.strip() for line in lines if line.startswith("FAIL")] if failed else []
+
     async def readiness(self) -> tuple[dict[str, str], frozenset[str]]:
         """/readyz checks: the sidecar's own state gates; the upstream is only reported."""
         policy = self.handler.policy
         checks = {
             "policy": "ok" if policy is not None else "not loaded",
+            "policy_reload": self.watcher.last_error or "ok",
             "draining": "no" if not self.draining else "yes",
             "upstream": await self._probe_upstream(),
         }
@@ -112,6 +160,10 @@ class Sidecar:
         await site.start()
         self.listen_port = _bound_port(self._proxy_runner)
 
+        if cfg.policy_reload_interval > 0:
+            await self.watcher.prime()
+            self._tasks.append(asyncio.create_task(self.watcher.run(), name="policy-watch"))
+
         admin = build_admin_app(self.metrics, self.readiness)
         self._admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
@@ -131,6 +183,10 @@ class Sidecar:
     async def stop(self) -> None:
         """Stop accepting at once, let in-flight requests finish (drain_timeout), close."""
         self.draining = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
             self._proxy_runner = None

@@ -48,6 +48,13 @@ def parse_duration(value: Any) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def parse_duration_or_zero(value: Any) -> float:
+    """A duration, or 0 / "0" / "off" for "never"."""
+    if value in (0, "0", "off"):
+        return 0.0
+    return parse_duration(value)
+
+
 @dataclass(frozen=True, slots=True)
 class HostPort:
     """An address to listen on."""
@@ -172,6 +179,8 @@ class Config:
     upstream: Upstream = Upstream("http", "127.0.0.1", 8080)
     admin_listen: HostPort = HostPort("127.0.0.1", 9090)
     policy: Path = Path("policies")
+    policy_reload_interval: float = 1.0  # 0: no hot reload
+    policy_tests: str = "warn"  # enforce | warn | off: the *_test.yaml cases beside the policy
     proxy: ProxyConfig = ProxyConfig()
     auth: AuthConfig = AuthConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
@@ -488,6 +497,10 @@ def load(
     # a policy path from the file is relative to the file; from env or flag, to the cwd
     policy_base = base if ("policy" in data and "policy" not in overrides) else Path.cwd()
     policy = r.get("policy", _path(policy_base), Path.cwd() / d.policy)
+    policy_reload_interval = r.get(
+        "policy_reload_interval", parse_duration_or_zero, d.policy_reload_interval
+    )
+    policy_tests = r.get("policy_tests", _choice("enforce", "warn", "off"), d.policy_tests)
 
     p = r.section("proxy")
     dp = ProxyConfig()
@@ -568,6 +581,8 @@ def load(
         upstream=upstream,
         admin_listen=admin_listen,
         policy=policy,
+        policy_reload_interval=policy_reload_interval,
+        policy_tests=policy_tests,
         proxy=proxy,
         auth=AuthConfig(jwt=tuple(issuers)),
         observability=obs,

@@ -91,6 +91,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.policy_reloads = Counter(
+            "dotmac_sidecar_policy_reloads",
+            "Policy reloads by result (success, failure); a failure keeps the last good policy.",
+            ["result"],
+            registry=r,
+        )
+        self.policy_rules = Gauge(
+            "dotmac_sidecar_policy_rules", "Rules in the policy in force.", registry=r
+        )
         self.in_flight = Gauge(
             "dotmac_sidecar_in_flight_requests", "Requests being handled now.", registry=r
         )
