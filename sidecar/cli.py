@@ -80,6 +80,11 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_line(source: str) -> tuple[str, int]:
+    file, _, line = source.rpartition(":")
+    return (file, int(line)) if line.isdigit() else (source, 0)
+
+
 def _policy_check(args: argparse.Namespace) -> int:
     from sidecar.errors import PolicyError
     from sidecar.policy.lint import warnings
@@ -87,7 +92,7 @@ def _policy_check(args: argparse.Namespace) -> int:
 
     errors: list[PolicyError] = []
     policy = compile_sources(read_sources(Path(args.path)), errors)
-    for err in errors:
+    for err in sorted(errors, key=lambda e: _file_line(e.source)):
         print(f"{err.source}: error: {err.detail}")
     notes = warnings(policy)
     for line in notes:

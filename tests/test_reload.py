@@ -114,9 +114,8 @@ async def test_twenty_edits_under_load_switch_within_two_seconds(
         f"\n{len(seen)} requests during 20 edits; switch latency "
         f"median {sorted(latencies)[10]:.2f}s max {max(latencies):.2f}s"
     )
-    async with aiohttp.ClientSession() as client:
-        async with client.get(f"{running.admin}/metrics") as r:
-            text = await r.text()
+    async with aiohttp.ClientSession() as client, client.get(f"{running.admin}/metrics") as r:
+        text = await r.text()
     assert 'dotmac_sidecar_policy_reloads_total{result="success"} 20.0' in text
     assert 'dotmac_sidecar_policy_reloads_total{result="failure"}' not in text
 
@@ -173,9 +172,11 @@ async def test_broken_edit_keeps_the_last_good_policy(
     # fixing the file brings reloads back
     folder.swap(POLICY.format(version=2, role="user"))
     await asyncio.sleep(0.8)
-    async with aiohttp.ClientSession() as client:
-        async with client.get(f"{running.url}/app/x", headers=admin) as r:
-            assert r.status == 403
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{running.url}/app/x", headers=admin) as r,
+    ):
+        assert r.status == 403
 
 
 async def test_policy_tests_gate_reloads_when_enforced(

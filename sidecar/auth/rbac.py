@@ -41,11 +41,13 @@ def covers(granted: Iterable[str], required: str) -> bool:
 
 
 class RoleError(ValueError):
-    """A role definition is inconsistent; `role` names the role at fault."""
+    """A role definition is inconsistent; `role` names the role at fault, `involved` every
+    role of the cycle (or just `role`)."""
 
-    def __init__(self, role: str, message: str) -> None:
+    def __init__(self, role: str, message: str, involved: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.role = role
+        self.involved = involved or (role,)
 
 
 def role_closure(inherits: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
@@ -59,8 +61,9 @@ def role_closure(inherits: Mapping[str, Iterable[str]]) -> dict[str, frozenset[s
         if role in closure:
             return closure[role]
         if role in stack:
-            cycle = " -> ".join([*stack[stack.index(role) :], role])
-            raise RoleError(role, f"inheritance cycle: {cycle}")
+            members = stack[stack.index(role) :]
+            cycle = " -> ".join([*members, role])
+            raise RoleError(role, f"inheritance cycle: {cycle}", tuple(members))
         if role not in inherits:
             raise RoleError(stack[-1], f"unknown role '{role}' inherited by '{stack[-1]}'")
         result = {role}

@@ -129,7 +129,8 @@ def compile_sources(
             break
         except RoleError as exc:
             fail(PolicyError(roles[exc.role].source, f"roles.{exc.role}: {exc}"))
-            del roles[exc.role]  # collecting: leave the faulty role out and look again
+            for name in exc.involved:  # collecting: leave the faulty roles out, look again
+                del roles[name]
     granted = {
         name: frozenset().union(*(roles[r].permissions for r in members))
         for name, members in closure.items()
@@ -313,17 +314,17 @@ def _requirement(
 def _read_rule(
     node: yamldoc.LocatedDict, where: str, index: int, roles: Mapping[str, Role]
 ) -> Rule:
-    for key in node:
-        if key not in _RULE_KEYS:
-            raise PolicyError(
-                node.where(key),
-                f"rules[{index}]: unknown key '{key}' (expected {', '.join(sorted(_RULE_KEYS))})",
-            )
     name = node.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise PolicyError(
             node.where("name"), f"rules[{index}].name: every rule needs a simple name"
         )
+    for key in node:
+        if key not in _RULE_KEYS:
+            raise PolicyError(
+                node.where(key),
+                f"rule '{name}': unknown key '{key}' (expected {', '.join(sorted(_RULE_KEYS))})",
+            )
     label = f"rule '{name}'"
     paths = _string_list(node, "paths", f"{label}.paths")
     if not paths:
