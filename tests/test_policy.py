@@ -180,3 +180,22 @@ def test_seed_rbac_engine_api() -> None:
     assert not rbac.check_permission(user_roles=["nobody"], required_permission="read:own")
     with pytest.raises(ValueError, match="bad permission"):
         rbac.add_role("x", ["no-colon"])
+
+
+def test_benchmark_scenario_is_a_real_allowed_decision() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_policy", ROOT / "bench/policy_decision.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from sidecar.policy.load import compile_sources
+
+    for n in (10, 500):
+        policy = compile_sources([("b.yaml", bench.policy_text(n))])
+        assert len(policy.rules) == n
+        method, path = bench.request_for(n)
+        rule, params = match(policy, method, path)  # type: ignore[misc]
+        assert rule.index >= n - 4
+        ident = Identity("u1", "jwt", tenant="t1", roles=("clerk",))
+        assert authorize(policy, rule, ident, params) is None
