@@ -7,12 +7,16 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 from aiohttp import http_parser, web
 from prometheus_client import CollectorRegistry
 
+from sidecar.auth.apikeys import FileKeyStore, RedisKeyStore
 from sidecar.auth.authenticate import Authenticator
+from sidecar.auth.jwks import KeySet
 from sidecar.auth.jwt import TokenVerifier
 from sidecar.config import Config
 from sidecar.errors import PolicyError, SidecarError
@@ -55,14 +59,47 @@ class Sidecar:
         if failures:
             logs.event(logging.WARNING, "policy_tests_failed", failures=failures)
         self.metrics.policy_rules.set(len(policy.rules))
+        auth = config.auth
+        api_key_header = auth.api_keys.header if auth.api_keys else "X-API-Key"
+        cookies = tuple(sorted({i.cookie for i in auth.jwt if i.cookie}))
         headers = HeaderRules(
             config.proxy.identity_header_prefix,
             strip_authorization=config.proxy.strip_authorization,
+            credential_headers=(api_key_header,) if auth.api_keys else (),
+            credential_cookies=cookies,
         )
         self.forwarder = Forwarder(config.upstream, config.proxy, headers)
+        self.keysets = {
+            i.issuer: KeySet(
+                i.issuer,
+                i.jwks_url,
+                refresh=i.jwks_refresh,
+                on_fetch=self._jwks_counter(i.issuer),
+                on_keys_removed=lambda: self.verifier.forget(),
+            )
+            for i in auth.jwt
+            if i.jwks_url and i.issuer
+        }
+        self.verifier = TokenVerifier(auth.jwt, self.keysets)
+        self.key_store: FileKeyStore | RedisKeyStore | None = None
+        if auth.api_keys is not None:
+            if auth.api_keys.store == "redis":
+                self.key_store = RedisKeyStore(auth.redis_url)
+            else:
+                assert auth.api_keys.file is not None
+                self.key_store = FileKeyStore(auth.api_keys.file)
+        authenticator = Authenticator(
+            self.verifier,
+            self.key_store,
+            api_key_header=api_key_header,
+            cookies=cookies,
+            query_params=tuple(sorted({i.query_param for i in auth.jwt if i.query_param})),
+            on_unknown_kid=lambda issuer: self.metrics.unknown_kid.labels(issuer).inc(),
+        )
+        self._jwks_session: aiohttp.ClientSession | None = None
         self.handler = ProxyHandler(
             policy=policy,
-            authenticator=Authenticator(TokenVerifier(config.auth.jwt)),
+            authenticator=authenticator,
             forwarder=self.forwarder,
             headers=headers,
             metrics=self.metrics,
@@ -84,6 +121,12 @@ class Sidecar:
         self.draining = False
         self.listen_port = 0
         self.admin_port = 0
+
+    def _jwks_counter(self, issuer: str) -> Callable[[str], None]:
+        def count(result: str) -> None:
+            self.metrics.jwks_refresh.labels(issuer, result).inc()
+
+        return count
 
     def _swap_policy(self, policy: Policy) -> None:
         self.handler.policy = policy  # one assignment: requests see the old or the new whole
@@ -119,10 +162,17 @@ class Sidecar:
             "draining": "no" if not self.draining else "yes",
             "upstream": await self._probe_upstream(),
         }
-        gating = frozenset({"policy"})
+        gating = {"policy"}
+        for issuer, keyset in self.keysets.items():
+            checks[f"jwks:{issuer}"] = keyset.status()
+            gating.add(f"jwks:{issuer}")
+        if isinstance(self.key_store, RedisKeyStore):
+            checks["api_keys"] = await self.key_store.ping()
+        elif self.key_store is not None:
+            checks["api_keys"] = self.key_store.status()
         if self.draining:
             checks["policy"] = "draining"
-        return checks, gating
+        return checks, frozenset(gating)
 
     async def _probe_upstream(self) -> str:
         up = self.config.upstream
@@ -160,6 +210,14 @@ class Sidecar:
         await site.start()
         self.listen_port = _bound_port(self._proxy_runner)
 
+        if self.keysets:
+            self._jwks_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=5.0), cookie_jar=aiohttp.DummyCookieJar()
+            )
+            for keyset in self.keysets.values():
+                self._tasks.append(asyncio.create_task(keyset.run(self._jwks_session), name="jwks"))
+        if isinstance(self.key_store, FileKeyStore):
+            self._tasks.append(asyncio.create_task(self.key_store.run(), name="api-keys"))
         if cfg.policy_reload_interval > 0:
             await self.watcher.prime()
             self._tasks.append(asyncio.create_task(self.watcher.run(), name="policy-watch"))
@@ -191,6 +249,11 @@ class Sidecar:
             await self._proxy_runner.cleanup()
             self._proxy_runner = None
         await self.forwarder.close()
+        if self._jwks_session is not None:
+            await self._jwks_session.close()
+            self._jwks_session = None
+        if isinstance(self.key_store, RedisKeyStore):
+            await self.key_store.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None

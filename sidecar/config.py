@@ -32,8 +32,6 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 _NOT_YET = {
     "secrets": "secret injection",
     "audit": "the audit sink",
-    "auth.api_keys": "API keys",
-    "auth.redis_url": "the Redis store",
     "workers": "multiple workers",
 }
 
@@ -126,6 +124,8 @@ class IssuerConfig:
     public_key_file: Path | None = None
     secret_env: str | None = None
     secret: bytes | None = field(default=None, repr=False)
+    jwks_url: str | None = None
+    jwks_refresh: float = 300.0
     leeway: float = 30.0
     claims: ClaimMap = ClaimMap()
     query_param: str = ""
@@ -135,10 +135,21 @@ class IssuerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKeysConfig:
+    """Where API keys are kept and which header carries them."""
+
+    store: str = "file"  # file | redis
+    file: Path | None = None
+    header: str = "X-API-Key"
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """How callers authenticate."""
 
     jwt: tuple[IssuerConfig, ...] = ()
+    api_keys: ApiKeysConfig | None = None
+    redis_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +332,24 @@ def _path(base: Path) -> Callable[[Any], Path]:
     return convert
 
 
+def _url(value: Any) -> str:
+    text = _str(value)
+    try:
+        url = URL(text)
+    except ValueError:
+        raise ValueError(f"not a URL: {value!r}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return text
+
+
+def _header_name(value: Any) -> str:
+    text = _str(value)
+    if not re.fullmatch(r"[A-Za-z0-9-]+", text):
+        raise ValueError(f"expected a header name, got {value!r}")
+    return text
+
+
 def _prefix(value: Any) -> str:
     text = _str(value)
     if not re.fullmatch(r"[A-Za-z0-9-]+-", text):
@@ -341,9 +370,7 @@ def _issuer(
     none: tuple[str, ...] = ()
     audiences = r.get("audiences", _str_list, none)
     algorithms = r.get("algorithms", _str_list, none)
-    if "jwks_url" in item:
-        r.seen.add("jwks_url")
-        raise r.fail("jwks_url", "JWKS key sets are not available in this version yet")
+    jwks_url = r.get("jwks_url", _url, None)
     public_key_file = r.get("public_key_file", _path(base), None)
     secret_env = r.get("secret_env", _str, None)
     leeway = r.get("leeway", parse_duration, 30.0)
@@ -367,7 +394,7 @@ def _issuer(
     required_default: tuple[str, ...] = ("exp", "sub")
     mfa_values = r.get("mfa_values", _str_list, mfa_default)
     required = r.get("required_claims", _str_list, required_default)
-    r.get("jwks_refresh", parse_duration, 300.0)
+    jwks_refresh = r.get("jwks_refresh", parse_duration, 300.0)
     r.finish()
     return _make_issuer(
         issuer=issuer,
@@ -375,6 +402,8 @@ def _issuer(
         algorithms=algorithms,
         public_key_file=public_key_file,
         secret_env=secret_env,
+        jwks_url=jwks_url,
+        jwks_refresh=jwks_refresh,
         leeway=leeway,
         claims=claims,
         query_param=query_param,
@@ -394,6 +423,8 @@ def _make_issuer(
     public_key_file: Path | None,
     secret_env: str | None,
     leeway: float,
+    jwks_url: str | None = None,
+    jwks_refresh: float = 300.0,
     claims: ClaimMap,
     query_param: str,
     cookie: str,
@@ -402,8 +433,9 @@ def _make_issuer(
     origin: str,
     env: Mapping[str, str],
 ) -> IssuerConfig:
-    if (public_key_file is None) == (secret_env is None):
-        raise ConfigError(f"{origin}: set exactly one of public_key_file or secret_env")
+    sources = [x for x in (public_key_file, secret_env, jwks_url) if x is not None]
+    if len(sources) != 1:
+        raise ConfigError(f"{origin}: set exactly one of jwks_url, public_key_file or secret_env")
     if not algorithms:
         algorithms = ("HS256",) if secret_env else ("RS256",)
     for alg in algorithms:
@@ -413,7 +445,7 @@ def _make_issuer(
             raise ConfigError(f"{origin}.algorithms: unknown algorithm {alg!r}")
         if secret_env and alg not in HMAC_ALGORITHMS:
             raise ConfigError(f"{origin}.algorithms: {alg} needs a public key, not secret_env")
-        if public_key_file and alg in HMAC_ALGORITHMS:
+        if (public_key_file or jwks_url) and alg in HMAC_ALGORITHMS:
             raise ConfigError(
                 f"{origin}.algorithms: {alg} is an HMAC algorithm and cannot be checked "
                 "against a public key"
@@ -433,6 +465,8 @@ def _make_issuer(
         public_key_file=public_key_file,
         secret_env=secret_env,
         secret=secret,
+        jwks_url=jwks_url,
+        jwks_refresh=jwks_refresh,
         leeway=leeway,
         claims=claims,
         query_param=query_param,
@@ -449,6 +483,7 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[Any, Origin]]:
         "DOTMAC_UPSTREAM": "upstream",
         "DOTMAC_POLICY": "policy",
         "DOTMAC_LOG_LEVEL": "observability.log_level",
+        "DOTMAC_REDIS_URL": "auth.redis_url",
     }
     for var, key in simple.items():
         if env.get(var):
@@ -554,6 +589,19 @@ def load(
                 env=env,
             )
         )
+    redis_url = a.get("redis_url", _str, "")
+    api_keys: ApiKeysConfig | None = None
+    if "api_keys" in a.data:
+        k = a.section("api_keys")
+        store = k.get("store", _choice("file", "redis"), "file")
+        keys_file = k.get("file", _path(base), None)
+        header = k.get("header", _header_name, "X-API-Key")
+        k.finish()
+        if store == "file" and keys_file is None:
+            raise k.fail("file", "the file store needs `file` (a YAML file of key hashes)")
+        if store == "redis" and not redis_url:
+            raise a.fail("redis_url", "API keys in Redis need auth.redis_url")
+        api_keys = ApiKeysConfig(store=store, file=keys_file, header=header)
     a.finish()
 
     o = r.section("observability")
@@ -584,7 +632,7 @@ def load(
         policy_reload_interval=policy_reload_interval,
         policy_tests=policy_tests,
         proxy=proxy,
-        auth=AuthConfig(jwt=tuple(issuers)),
+        auth=AuthConfig(jwt=tuple(issuers), api_keys=api_keys, redis_url=redis_url),
         observability=obs,
         source=file,
     )

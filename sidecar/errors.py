@@ -87,6 +87,7 @@ class Unauthenticated(Rejected):
     def __init__(self, reason: str, message: str, *, invalid: bool = True) -> None:
         super().__init__(401, reason, message)
         self.invalid = invalid
+        self.method = ""  # the credential kind that failed (jwt, api_key), when known
 
     def headers(self) -> dict[str, str]:
         if not self.invalid:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from sidecar.auth.identity import Identity
+from sidecar.auth.jwks import KeySet
 from sidecar.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, IssuerConfig
 from sidecar.errors import ConfigError, Unauthenticated
 
@@ -118,21 +120,34 @@ def decode_checked(
     return claims
 
 
-class _Issuer:
-    __slots__ = ("algorithms", "audiences", "config", "key", "name")
+class UnknownKey(Unauthenticated):
+    """The token names a key its issuer's key set does not hold (yet)."""
 
-    def __init__(self, config: IssuerConfig) -> None:
+    def __init__(self, keyset: KeySet, kid: str | None) -> None:
+        super().__init__("unknown_key", "unknown signing key")
+        self.keyset = keyset
+        self.kid = kid
+
+
+class _Issuer:
+    __slots__ = ("algorithms", "audiences", "config", "key", "keyset", "name")
+
+    def __init__(self, config: IssuerConfig, keyset: KeySet | None) -> None:
         self.config = config
         self.name = config.issuer
-        self.algorithms = list(config.algorithms)
+        self.algorithms = frozenset(config.algorithms)
         self.audiences = list(config.audiences) or None
+        self.keyset = keyset
+        self.key: bytes | PublicKey | None = None
+        if keyset is not None:
+            return
         key: bytes | PublicKey
         if config.secret is not None:
             key = config.secret
         else:
             assert config.public_key_file is not None
             key = load_public_key(config.public_key_file)
-        for alg in self.algorithms:
+        for alg in config.algorithms:
             if not _key_fits(alg, key):
                 raise ConfigError(
                     f"auth.jwt issuer {config.issuer or '(any)'}: algorithm {alg} does not fit "
@@ -140,22 +155,67 @@ class _Issuer:
                 )
         self.key = key
 
+    def key_for(self, header: Mapping[str, Any], alg: str) -> Any:
+        """The key to check this token with; raises UnknownKey for a kid not (yet) known."""
+        if self.keyset is None:
+            return self.key
+        kid = header.get("kid")
+        kid = kid if isinstance(kid, str) else None
+        found = self.keyset.key_for(kid)
+        if found is None:
+            raise UnknownKey(self.keyset, kid)
+        if not found.fits(alg):
+            raise Unauthenticated("algorithm_not_allowed", "token algorithm does not fit its key")
+        return found.key
+
 
 class TokenVerifier:
-    """Verifies bearer tokens against the configured issuers and maps claims to an Identity."""
+    """Verifies bearer tokens against the configured issuers and maps claims to an Identity.
 
-    def __init__(self, issuers: Sequence[IssuerConfig]) -> None:
-        self._issuers = {cfg.issuer: _Issuer(cfg) for cfg in issuers}
+    Verified tokens are cached (bounded, least recently used first out); an entry is keyed
+    by the whole token, so a token differing in one byte is verified afresh, and it is
+    never used past the token's `exp`.
+    """
+
+    def __init__(
+        self,
+        issuers: Sequence[IssuerConfig],
+        keysets: Mapping[str, KeySet] | None = None,
+        *,
+        cache_size: int = 10_000,
+    ) -> None:
+        keysets = keysets or {}
+        self._issuers = {cfg.issuer: _Issuer(cfg, keysets.get(cfg.issuer or "")) for cfg in issuers}
         self._any = self._issuers.get(None)
         self._algorithms = frozenset(a for i in self._issuers.values() for a in i.algorithms)
+        self._cache: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        self._cache_size = cache_size
 
     @property
     def configured(self) -> bool:
         """True when at least one issuer is configured."""
         return bool(self._issuers)
 
+    def forget(self) -> None:
+        """Drop every cached verification (a key was removed from a key set)."""
+        self._cache.clear()
+
     def verify(self, token: str) -> Identity:
         """The Identity a valid token carries; raises Unauthenticated with a precise reason."""
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached[0] > time.time():
+                self._cache.move_to_end(token)
+                return cached[1]
+            del self._cache[token]
+        identity, exp = self._verify(token)
+        cache = self._cache
+        cache[token] = (exp, identity)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return identity
+
+    def _verify(self, token: str) -> tuple[Identity, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -172,14 +232,15 @@ class TokenVerifier:
         cfg = issuer.config
         claims = decode_checked(
             token,
-            issuer.key,
+            issuer.key_for(header, alg),
             algorithm=alg,
             audiences=issuer.audiences,
             issuer=issuer.name,
             leeway=cfg.leeway,
             required=cfg.required_claims,
         )
-        return self._identity(claims, cfg)
+        exp = claims.get("exp")
+        return self._identity(claims, cfg), float(exp) if isinstance(exp, int | float) else 0.0
 
     def _pick_issuer(self, token: str) -> _Issuer:
         if self._any is not None:

@@ -100,6 +100,18 @@ class Metrics:
         self.policy_rules = Gauge(
             "dotmac_sidecar_policy_rules", "Rules in the policy in force.", registry=r
         )
+        self.jwks_refresh = Counter(
+            "dotmac_sidecar_jwks_refresh",
+            "JWKS fetches by issuer and result (success, failure).",
+            ["issuer", "result"],
+            registry=r,
+        )
+        self.unknown_kid = Counter(
+            "dotmac_sidecar_jwks_unknown_kid",
+            "Tokens naming a key id their issuer's key set did not hold.",
+            ["issuer"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "dotmac_sidecar_in_flight_requests", "Requests being handled now.", registry=r
         )

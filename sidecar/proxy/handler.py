@@ -170,7 +170,7 @@ class ProxyHandler:
         ex.rule = rule.name
 
         # 3. authenticate and authorize
-        identity = self._decide(request, rule, params, policy, ex)
+        identity = await self._decide(request, rule, params, policy, ex)
 
         # 4. headers the app trusts
         if request.headers.get("Expect", "").lower() == "100-continue" and version.minor >= 1:
@@ -189,7 +189,7 @@ class ProxyHandler:
             request, path, query, outgoing, ex.upstream_s, ex.request_id
         )
 
-    def _decide(
+    async def _decide(
         self,
         request: web.BaseRequest,
         rule: Rule,
@@ -203,9 +203,9 @@ class ProxyHandler:
         try:
             if not (rule.deny or rule.public):
                 try:
-                    identity = self.authenticator.authenticate(request.headers, rule.authn)
-                except Unauthenticated:
-                    ex.auth_method = "jwt" if request.headers.get("Authorization") else ""
+                    identity = await self.authenticator.authenticate(request, rule.authn)
+                except Unauthenticated as exc:
+                    ex.auth_method = exc.method
                     raise
                 ex.auth_method = identity.method
             status, reason = verdict(policy, rule, params, identity)

@@ -62,6 +62,12 @@ def request_id(client_value: str | None) -> str:
     return secrets.token_hex(16)
 
 
+def _without_cookies(header: str, names: frozenset[str]) -> str:
+    """A Cookie header value without the named cookies."""
+    kept = [p for p in header.split(";") if p.strip().partition("=")[0].strip() not in names]
+    return ";".join(kept).strip()
+
+
 def _tokens(values: Iterable[str]) -> set[str]:
     return {t.strip().lower().replace("_", "-") for v in values for t in v.split(",") if t.strip()}
 
@@ -74,6 +80,8 @@ class HeaderRules:
         identity_prefix: str,
         secret_headers: Iterable[str] = (),
         strip_authorization: bool = False,
+        credential_headers: Iterable[str] = (),
+        credential_cookies: Iterable[str] = (),
     ) -> None:
         self.prefix = identity_prefix.lower()
         p = identity_prefix
@@ -84,8 +92,13 @@ class HeaderRules:
         self.rule = p + "Rule"
         self.secret_names = frozenset(h.lower().replace("_", "-") for h in secret_headers)
         self.strip_from_client = _CLIENT_STRIP | HOP_BY_HOP | self.secret_names
-        self.credential_headers = (
-            frozenset({"authorization"}) if strip_authorization else frozenset()
+        self.credential_headers: frozenset[str] = (
+            frozenset({"authorization", *(h.lower() for h in credential_headers)})
+            if strip_authorization
+            else frozenset()
+        )
+        self.credential_cookies = (
+            frozenset(credential_cookies) if strip_authorization else frozenset()
         )
 
     def upstream(
@@ -113,6 +126,10 @@ class HeaderRules:
                 continue
             if strip_credentials and key in self.credential_headers:
                 continue
+            if strip_credentials and key == "cookie" and self.credential_cookies:
+                value = _without_cookies(value, self.credential_cookies)
+                if not value:
+                    continue
             out.add(name, value)
         if named:
             for key in list(out.keys()):
