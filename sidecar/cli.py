@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,102 @@ def _policy_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_admin(args: argparse.Namespace) -> Any:
+    from sidecar import config
+    from sidecar.auth.apikeys import FileKeyStore, KeyAdmin, RedisKeyStore
+
+    cfg = config.load(Path(args.config) if args.config else None)
+    keys = cfg.auth.api_keys
+    if keys is None:
+        raise SidecarError(
+            f"{cfg.source or 'the configuration'}: no API key store (set auth.api_keys; "
+            "pass --config FILE or DOTMAC_CONFIG)"
+        )
+    if keys.store == "redis":
+        return KeyAdmin(RedisKeyStore(cfg.auth.redis_url))
+    assert keys.file is not None
+    return KeyAdmin(FileKeyStore(keys.file))
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
+
+
+def _when(ts: float | None) -> str:
+    import datetime
+
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sidecar.auth import apikeys
+    from sidecar.config import parse_duration
+
+    def duration(flag: str, value: str | None) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise SidecarError(f"{flag}: {exc}") from None
+
+    async def act() -> int:
+        admin = _key_admin(args)
+        try:
+            if args.apikey_command == "create":
+                record, key = apikeys.created(
+                    args.name,
+                    subject=args.subject,
+                    roles=_names(args.roles),
+                    permissions=_names(args.permissions),
+                    tenant=args.tenant,
+                    expires_in=duration("--expires", args.expires),
+                )
+                await admin.put(record)
+                print(key)
+                print(
+                    f"created API key {record.id} ({record.name}); expires "
+                    f"{_when(record.expires)}. The key is shown only once.",
+                    file=sys.stderr,
+                )
+            elif args.apikey_command == "list":
+                print(
+                    f"{'ID':<16}  {'NAME':<20}  {'ROLES':<20}  {'TENANT':<10}  "
+                    f"{'EXPIRES':<20}  STATE"
+                )
+                for r in await admin.all():
+                    print(
+                        f"{r.id:<16}  {r.name[:20]:<20}  {','.join(r.roles)[:20] or '-':<20}  "
+                        f"{(r.tenant or '-')[:10]:<10}  {_when(r.expires):<20}  {r.state()}"
+                    )
+            elif args.apikey_command == "revoke":
+                record = await admin.get(apikeys.key_id_of(args.id))
+                await admin.put(replace(record, revoked=time.time()))
+                print(f"revoked API key {record.id} ({record.name})", file=sys.stderr)
+            else:
+                record = await admin.get(apikeys.key_id_of(args.id))
+                if record.state() != "active":
+                    raise SidecarError(f"API key {record.id} is {record.state()}; not rotated")
+                grace = duration("--grace", args.grace) or 0.0
+                new_record, key = apikeys.rotated(record, grace)
+                await admin.put(new_record)
+                print(key)
+                print(
+                    f"rotated API key {record.id}; the old secret works until "
+                    f"{_when(time.time() + grace)}",
+                    file=sys.stderr,
+                )
+        finally:
+            await admin.close()
+        return 0
+
+    return asyncio.run(act())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(
@@ -188,6 +286,33 @@ def build_parser() -> argparse.ArgumentParser:
     expl.add_argument("--path", required=True, help="request path as the client sends it")
     expl.add_argument("--identity", help='JSON, e.g. {"subject": "u1", "roles": ["user"]}')
     expl.set_defaults(func=_policy_explain)
+
+    apikey = sub.add_parser("apikey", help="manage API keys in the configured key store")
+    asub = apikey.add_subparsers(dest="apikey_command", required=True, metavar="ACTION")
+    for name, text in (
+        ("create", "create a key; prints it once on stdout"),
+        ("list", "list ids, names, roles, tenant, expiry and state"),
+        ("revoke", "revoke a key (by id or full key)"),
+        ("rotate", "new secret for a key; the old one works for --grace"),
+    ):
+        action = asub.add_parser(name, help=text)
+        action.add_argument(
+            "--config", help="sidecar.yaml with auth.api_keys (default: $DOTMAC_CONFIG)"
+        )
+        action.set_defaults(func=_apikey)
+        if name == "create":
+            action.add_argument("--name", required=True, help="what the key is for")
+            action.add_argument("--subject", help="X-Auth-Subject (default apikey:<id>)")
+            action.add_argument("--roles", help="comma-separated roles")
+            action.add_argument("--permissions", help="comma-separated permissions")
+            action.add_argument("--tenant", help="tenant id")
+            action.add_argument("--expires", help="lifetime, e.g. 30d (default: never)")
+        if name in ("revoke", "rotate"):
+            action.add_argument("id", help="the key's public id, or the full key")
+        if name == "rotate":
+            action.add_argument(
+                "--grace", default="24h", help="old secret stays valid (default 24h)"
+            )
 
     token = sub.add_parser("token", help="mint a token for local testing")
     key = token.add_mutually_exclusive_group(required=True)

@@ -11,6 +11,7 @@ be present, and `iss`, `aud`, `exp`, `nbf` are checked with the issuer's leeway.
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 import uuid
@@ -63,7 +64,7 @@ def _key_fits(alg: str, key: Any) -> bool:
     return False
 
 
-def _strings(value: Any) -> tuple[str, ...]:
+def claim_list(value: Any) -> tuple[str, ...]:
     """A claim holding a list of names, or one string of names split on spaces/commas."""
     if value is None:
         return ()
@@ -87,6 +88,7 @@ def decode_checked(
     issuer: str | None,
     leeway: float,
     required: Sequence[str],
+    verify_exp: bool = True,
 ) -> dict[str, Any]:
     """Verify signature and claims; map every PyJWT failure to a precise Unauthenticated."""
     try:
@@ -101,6 +103,7 @@ def decode_checked(
                 "require": list(required),
                 "verify_aud": audiences is not None,
                 "verify_iss": issuer is not None,
+                "verify_exp": verify_exp,
             },
         )
     except jwt.ExpiredSignatureError:
@@ -268,10 +271,10 @@ class TokenVerifier:
             tenant = str(tenant)
             if not _header_safe(tenant):
                 raise Unauthenticated("invalid_claim", "token has an unusable tenant")
-        roles = tuple(r for r in _strings(claims.get(m.roles)) if _header_safe(r))
-        permissions = frozenset(_strings(claims.get(m.permissions)))
+        roles = tuple(r for r in claim_list(claims.get(m.roles)) if _header_safe(r))
+        permissions = frozenset(claim_list(claims.get(m.permissions)))
         amr = claims.get(m.mfa)
-        mfa = amr is True or any(v in cfg.mfa_values for v in _strings(amr))
+        mfa = amr is True or any(v in cfg.mfa_values for v in claim_list(amr))
         service = claims.get("token_type") == "service"
         return Identity(
             subject=subject,
@@ -313,6 +316,7 @@ class JWTService:
         audience: str | None = None,
         access_token_expire_minutes: float | None = None,
         leeway: float = 0.0,
+        required_claims: Sequence[str] = ("exp", "sub"),
     ) -> None:
         if algorithm.lower() == "none" or algorithm not in HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS:
             raise ValueError(f"unsupported algorithm {algorithm!r}")
@@ -320,6 +324,7 @@ class JWTService:
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
+        self.required_claims = tuple(required_claims)
         self.expire_minutes = (
             access_token_expire_minutes
             if access_token_expire_minutes is not None
@@ -401,8 +406,40 @@ class JWTService:
             claims["permissions"] = list(permissions)
         return self._encode(claims, expires_delta)
 
-    def verify_token(self, token: str, audience: str | None = None) -> dict[str, Any]:
-        """The claims of a valid token; raises Unauthenticated with a precise reason."""
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any], algorithm: str, **options: Any) -> JWTService:
+        """A service whose key is a JWK (RFC 7517): `oct` for HS*, else a public or
+        private RSA, EC or OKP key."""
+        if jwk.get("kty") == "oct":
+            secret = base64.urlsafe_b64decode(str(jwk["k"]) + "=" * (-len(str(jwk["k"])) % 4))
+            return cls(secret_key=secret, algorithm=algorithm, **options)
+        return cls._with_key(jwt.PyJWK(dict(jwk), algorithm).key, algorithm, **options)
+
+    @classmethod
+    def _with_key(cls, key: Any, algorithm: str, **options: Any) -> JWTService:
+        private = hasattr(key, "sign")
+        pem = (
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            if private
+            else key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        if private:
+            return cls(algorithm=algorithm, private_key=pem, **options)
+        return cls(algorithm=algorithm, public_key=pem, **options)
+
+    def verify_token(
+        self, token: str, audience: str | None = None, *, verify_exp: bool = True
+    ) -> dict[str, Any]:
+        """The claims of a valid token; raises Unauthenticated with a precise reason.
+
+        `verify_exp=False` skips only the expiry check (for known test vectors).
+        """
         aud = audience or self.audience
         return decode_checked(
             token,
@@ -411,8 +448,26 @@ class JWTService:
             audiences=[aud] if aud else None,
             issuer=self.issuer,
             leeway=self.leeway,
-            required=("exp", "sub"),
+            required=self.required_claims,
+            verify_exp=verify_exp,
         )
+
+    def verify_signature(self, token: str) -> bytes:
+        """The payload of a compact JWS whose signature verifies (any payload, not only
+        JWT claims); raises Unauthenticated otherwise."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed_token", "malformed token") from None
+        if header.get("alg") != self.algorithm:
+            raise Unauthenticated("algorithm_not_allowed", "token algorithm not allowed")
+        try:
+            payload: bytes = jwt.api_jws.decode(token, self._verifying, algorithms=[self.algorithm])
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("bad_signature", "bad signature") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("invalid_token", "invalid token") from None
+        return payload
 
 
 def _pem(value: str | bytes) -> bytes:

@@ -1,0 +1,1 @@
+"""The DotMac namespace: `dotmac.platform` keeps the seed's import paths working."""
