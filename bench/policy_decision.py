@@ -43,8 +43,10 @@ def policy_text(n: int) -> str:
             lines.append("    require: {roles: [clerk], permissions: ['write:orders']}")
         elif kind == 2:
             lines.append(f"    paths: ['/svc{i}/tenants/{{tenant}}/*']")
-            lines.append("    require: {tenant: '{tenant}', any_of: [{roles: [manager]}, "
-                         "{permissions: ['export:csv']}]}")
+            lines.append(
+                "    require: {tenant: '{tenant}', any_of: [{roles: [manager]}, "
+                "{permissions: ['export:csv']}]}"
+            )
         else:
             lines.append(f"    paths: ['/svc{i}/public/**']")
             lines.append("    public: true")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -128,18 +129,19 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 
 def write_config(
-    tmp: Path, keys: Keys, upstream_url: str, policy: Path | str, extra: str = ""
+    tmp: Path,
+    keys: Keys,
+    upstream_url: str,
+    policy: Path | str,
+    extra: str = "",
+    auth_override: str = "",
 ) -> Path:
-    """A sidecar.yaml for tests: an RS256 issuer and an HS256 issuer."""
+    """A sidecar.yaml for tests: an RS256, an ES256 and an HS256 issuer (or `auth_override`,
+    the body of the `auth:` section)."""
     cfg = tmp / "sidecar.yaml"
-    cfg.write_text(
-        f"""
-listen: "127.0.0.1:0"
-admin_listen: "127.0.0.1:0"
-upstream: "{upstream_url}"
-policy: "{policy}"
-auth:
-  jwt:
+    auth = (
+        auth_override
+        or f"""  jwt:
     - issuer: "{ISSUER}"
       audiences: ["{AUDIENCE}"]
       algorithms: ["RS256"]
@@ -152,6 +154,16 @@ auth:
     - issuer: "{HS_ISSUER}"
       algorithms: ["HS256"]
       secret_env: TEST_HS_SECRET
+"""
+    )
+    cfg.write_text(
+        f"""
+listen: "127.0.0.1:0"
+admin_listen: "127.0.0.1:0"
+upstream: "{upstream_url}"
+policy: "{policy}"
+auth:
+{auth}
 {extra}
 """
     )
@@ -179,9 +191,13 @@ async def make_sidecar(tmp_path: Path, keys: Keys) -> AsyncIterator[SidecarFacto
     started: list[Sidecar] = []
 
     async def factory(
-        upstream_url: str, *, policy: Path | str = HERE / "policies/proxy.yaml", extra: str = ""
+        upstream_url: str,
+        *,
+        policy: Path | str = HERE / "policies/proxy.yaml",
+        extra: str = "",
+        auth_override: str = "",
     ) -> Running:
-        cfg_file = write_config(tmp_path, keys, upstream_url, policy, extra)
+        cfg_file = write_config(tmp_path, keys, upstream_url, policy, extra, auth_override)
         cfg = config_mod.load(cfg_file, env={"TEST_HS_SECRET": HS_SECRET})
         sc = Sidecar(cfg, registry=CollectorRegistry())
         await sc.start()
@@ -280,9 +296,11 @@ def wait_ready(
 def sidecar_process(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Process]]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(upstream_url: str, extra: str = "") -> Process:
+    def start(upstream_url: str, extra: str = "", auth_override: str = "") -> Process:
         port, admin_port = free_port(), free_port()
-        cfg = write_config(tmp_path, keys, upstream_url, HERE / "policies/proxy.yaml", extra)
+        cfg = write_config(
+            tmp_path, keys, upstream_url, HERE / "policies/proxy.yaml", extra, auth_override
+        )
         log = tmp_path / f"sidecar-{len(procs)}.log"
         env = dict(os.environ, TEST_HS_SECRET=HS_SECRET)
         with log.open("wb") as out:
@@ -312,3 +330,103 @@ def sidecar_process(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Proces
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
+
+
+# ------------------------------------------------------------------------------------------
+# Real Redis
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server on a free loopback port (.ci/run installs it)."""
+    import shutil
+    import socket
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed (apt-get install redis-server; .ci/run does it)"
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+# ------------------------------------------------------------------------------------------
+# A real JWKS endpoint
+
+
+@dataclass
+class JwksServer:
+    """An aiohttp server publishing a key set; counts fetches; can be taken down."""
+
+    keys: list[dict[str, Any]]
+    port: int = 0
+    fetches: int = 0
+    runner: web.AppRunner | None = None
+    max_age: int = 3600
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/.well-known/jwks.json"
+
+    async def start(self, port: int = 0) -> None:
+        async def jwks(request: web.Request) -> web.Response:
+            self.fetches += 1
+            return web.json_response(
+                {"keys": self.keys}, headers={"Cache-Control": f"max-age={self.max_age}"}
+            )
+
+        app = web.Application()
+        app.router.add_get("/.well-known/jwks.json", jwks)
+        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port or self.port)
+        await site.start()
+        self.port = next(a[1] for a in self.runner.addresses if isinstance(a, tuple))
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+def rsa_jwk(private: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+    from jwt.algorithms import RSAAlgorithm
+
+    data: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
+    data.update({"kid": kid, "use": "sig", "alg": "RS256"})
+    return data
+
+
+@pytest.fixture
+async def jwks_server() -> AsyncIterator[JwksServer]:
+    server = JwksServer(keys=[])
+    yield server
+    await server.stop()

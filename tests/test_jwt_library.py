@@ -13,7 +13,7 @@ from sidecar.auth.jwt import JWTService, TokenVerifier
 from sidecar.config import IssuerConfig
 from sidecar.errors import Unauthenticated
 
-SEED_SNIPPET = '''
+SEED_SNIPPET = """
 from dotmac.platform.auth import AuthService, JWTService, RBACEngine
 
 # JWT token management
@@ -36,7 +36,7 @@ has_permission = rbac.check_permission(
     user_roles=["admin"],
     required_permission="write:users"
 )
-'''
+"""
 
 
 # the seed's example secret is 11 bytes: PyJWT rightly warns, and the snippet still runs
@@ -90,26 +90,34 @@ def test_rs256_key_pair_and_service_tokens(keys: object) -> None:
 
 
 # RFC 7515 appendix A: JWT claims, exp 1300819380 (2011)
-A_PAYLOAD = "eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ"
+A_PAYLOAD = (
+    "eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ"
+)
 RFC7515 = [
     (
         "A.1 HS256",
         "HS256",
-        {"kty": "oct",
-         "k": "AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow"},
-        "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9." + A_PAYLOAD
+        {
+            "kty": "oct",
+            "k": "AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow",
+        },
+        "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9."
+        + A_PAYLOAD
         + ".dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk",
     ),
     (
         "A.2 RS256",
         "RS256",
-        {"kty": "RSA", "e": "AQAB",
-         "n": "ofgWCuLjybRlzo0tZWJjNiuSfb4p4fAkd_wWJcyQoTbji9k0l8W26mPddx"
-              "HmfHQp-Vaw-4qPCJrcS2mJPMEzP1Pt0Bm4d4QlL-yRT-SFd2lZS-pCgNMs"
-              "D1W_YpRPEwOWvG6b32690r2jZ47soMZo9wGzjb_7OMg0LOL-bSf63kpaSH"
-              "SXndS5z5rexMdbBYUsLA9e-KXBdQOS-UTo7WTBEMa2R2CapHg665xsmtdV"
-              "MTBQY4uDZlxvb3qCo5ZwKh9kG4LT6_I5IhlJH7aGhyxXFvUK-DWNmoudF8"
-              "NAco9_h9iaGNj8q2ethFkMLs91kzk2PAcDTW9gb54h4FRWyuXpoQ"},
+        {
+            "kty": "RSA",
+            "e": "AQAB",
+            "n": "ofgWCuLjybRlzo0tZWJjNiuSfb4p4fAkd_wWJcyQoTbji9k0l8W26mPddx"
+            "HmfHQp-Vaw-4qPCJrcS2mJPMEzP1Pt0Bm4d4QlL-yRT-SFd2lZS-pCgNMs"
+            "D1W_YpRPEwOWvG6b32690r2jZ47soMZo9wGzjb_7OMg0LOL-bSf63kpaSH"
+            "SXndS5z5rexMdbBYUsLA9e-KXBdQOS-UTo7WTBEMa2R2CapHg665xsmtdV"
+            "MTBQY4uDZlxvb3qCo5ZwKh9kG4LT6_I5IhlJH7aGhyxXFvUK-DWNmoudF8"
+            "NAco9_h9iaGNj8q2ethFkMLs91kzk2PAcDTW9gb54h4FRWyuXpoQ",
+        },
         "eyJhbGciOiJSUzI1NiJ9." + A_PAYLOAD + "."
         "cC4hiUPoj9Eetdgtv3hF80EGrhuB__dzERat0XF9g2VtQgr9PJbu3XOiZj5RZmh7"
         "AAuHIm4Bh-0Qc_lF5YKt_O8W2Fp5jujGbds9uJdbF9CUAr7t1dnZcAcQjbKBYNX4"
@@ -121,24 +129,30 @@ RFC7515 = [
     (
         "A.3 ES256",
         "ES256",
-        {"kty": "EC", "crv": "P-256",
-         "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
-         "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+        {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+        },
         "eyJhbGciOiJFUzI1NiJ9." + A_PAYLOAD + "."
         "DtEhU3ljbEg8L38VWAfUAqOyKAM6-Xx-F4GawxaepmXFCgfTjDxw5djxLa8ISlSApmWQxfKTUJqPP3-Kg6NU1Q",
     ),
 ]
 
 # RFC 7520 section 4: a text payload ("It's a dangerous business, Frodo, ...")
-FRODO = ("SXTigJlzIGEgZGFuZ2Vyb3VzIGJ1c2luZXNzLCBGcm9kbywgZ29pbmcgb3V0IHlvdXIgZG9vci4gWW91IHN0ZX"
-         "Agb250byB0aGUgcm9hZCwgYW5kIGlmIHlvdSBkb24ndCBrZWVwIHlvdXIgZmVldCwgdGhlcmXigJlzIG5vIGtu"
-         "b3dpbmcgd2hlcmUgeW91IG1pZ2h0IGJlIHN3ZXB0IG9mZiB0by4")
+FRODO = (
+    "SXTigJlzIGEgZGFuZ2Vyb3VzIGJ1c2luZXNzLCBGcm9kbywgZ29pbmcgb3V0IHlvdXIgZG9vci4gWW91IHN0ZX"
+    "Agb250byB0aGUgcm9hZCwgYW5kIGlmIHlvdSBkb24ndCBrZWVwIHlvdXIgZmVldCwgdGhlcmXigJlzIG5vIGtu"
+    "b3dpbmcgd2hlcmUgeW91IG1pZ2h0IGJlIHN3ZXB0IG9mZiB0by4"
+)
 RFC7520_RSA = {
-    "kty": "RSA", "e": "AQAB",
+    "kty": "RSA",
+    "e": "AQAB",
     "n": "n4EPtAOCc9AlkeQHPzHStgAbgs7bTZLwUBZdR8_KuKPEHLd4rHVTeT-O-XV2jRojdNhxJWTDvNd7nqQ0VEiZQHz_A"
-         "JmSCpMaJMRBSFKrKb2wqVwGU_NsYOYL-QtiWN2lbzcEe6XC0dApr5ydQLrHqkHHig3RBordaZ6Aj-oBHqFEHYpPe"
-         "7Tpe-OfVfHd1E6cS6M1FZcD1NNLYD5lFHpPI9bTwJlsde3uhGqC0ZCuEHg8lhzwOHrtIQbS0FVbb9k3-tVTU4fg_"
-         "3L_vniUFAKwuCLqKnS2BYwdq_mzSnbLY7h_qixoR7jig3__kRhuaxwUkRz5iaiQkqgc5gHdrNP5zw",
+    "JmSCpMaJMRBSFKrKb2wqVwGU_NsYOYL-QtiWN2lbzcEe6XC0dApr5ydQLrHqkHHig3RBordaZ6Aj-oBHqFEHYpPe"
+    "7Tpe-OfVfHd1E6cS6M1FZcD1NNLYD5lFHpPI9bTwJlsde3uhGqC0ZCuEHg8lhzwOHrtIQbS0FVbb9k3-tVTU4fg_"
+    "3L_vniUFAKwuCLqKnS2BYwdq_mzSnbLY7h_qixoR7jig3__kRhuaxwUkRz5iaiQkqgc5gHdrNP5zw",
 }
 RFC7520 = [
     (
@@ -164,9 +178,12 @@ RFC7520 = [
     (
         "4.3 ES512",
         "ES512",
-        {"kty": "EC", "crv": "P-521",
-         "x": "AHKZLLOsCOzz5cY97ewNUajB957y-C-U88c3v13nmGZx6sYl_oJXu9A5RkTKqjqvjyekWF-7ytDyRXYgCF5cj0Kt",
-         "y": "AdymlHvOiLxXkEhayXQnNCvDX4h9htZaCJN34kfmC6pV5OhQHiraVySsUdaQkAgDPrwQrJmbnX9cwlGfP-HqHZR1"},
+        {
+            "kty": "EC",
+            "crv": "P-521",
+            "x": "AHKZLLOsCOzz5cY97ewNUajB957y-C-U88c3v13nmGZx6sYl_oJXu9A5RkTKqjqvjyekWF-7ytDyRXYgCF5cj0Kt",
+            "y": "AdymlHvOiLxXkEhayXQnNCvDX4h9htZaCJN34kfmC6pV5OhQHiraVySsUdaQkAgDPrwQrJmbnX9cwlGfP-HqHZR1",
+        },
         "eyJhbGciOiJFUzUxMiIsImtpZCI6ImJpbGJvLmJhZ2dpbnNAaG9iYml0b24uZXhhbXBsZSJ9." + FRODO + "."
         "AE_R_YZCChjn4791jSQCrdPZCNYqHXCTZH0-JZGYNlaAjP2kqaluUIIUnC9qvbu9Plon7KRTzoNEuT4Va2cmL1eJAQy"
         "3mtPBu_u_sDDyYjnAMDxXPn7XrT0lw-kvAD890jl8e2puQens_IEKBpHABlsbEPX6sFY8OcGDqoRuBomu9xQ2",
@@ -176,7 +193,8 @@ RFC7520 = [
         "HS256",
         {"kty": "oct", "k": "hJtXIZ2uSN5kbQfbtTNWbpdmhkV8FJG-Onbc6mxCcYg"},
         "eyJhbGciOiJIUzI1NiIsImtpZCI6IjAxOGMwYWU1LTRkOWItNDcxYi1iZmQ2LWVlZjMxNGJjNzAzNyJ9."
-        + FRODO + ".s0h6KThzkfBBBkLspW1h84VsJZFTsPPqMDA7g1Md7p0",
+        + FRODO
+        + ".s0h6KThzkfBBBkLspW1h84VsJZFTsPPqMDA7g1Md7p0",
     ),
 ]
 
@@ -212,15 +230,19 @@ def test_rfc7520_section_4(name: str, alg: str, jwk: dict[str, str], token: str)
     other = "HS256" if alg != "HS256" else "RS256"
     with pytest.raises(Unauthenticated, match="algorithm"):
         JWTService.from_jwk(jwk, alg).verify_signature(
-            token.replace(token.split(".")[0], jwt.utils.base64url_encode(
-                f'{{"alg":"{other}"}}'.encode()).decode(), 1)
+            token.replace(
+                token.split(".")[0],
+                jwt.utils.base64url_encode(f'{{"alg":"{other}"}}'.encode()).decode(),
+                1,
+            )
         )
 
 
 def test_cached_verification_never_outlives_exp_and_misses_on_one_byte() -> None:
     secret = b"s" * 32
-    cfg = IssuerConfig(issuer="i", audiences=(), algorithms=("HS256",), secret_env="X",
-                       secret=secret, leeway=0.0)
+    cfg = IssuerConfig(
+        issuer="i", audiences=(), algorithms=("HS256",), secret_env="X", secret=secret, leeway=0.0
+    )
     verifier = TokenVerifier([cfg])
     now = int(time.time())
     token = jwt.encode({"iss": "i", "sub": "u", "exp": now + 2}, secret, algorithm="HS256")
@@ -239,8 +261,9 @@ def test_cached_verification_never_outlives_exp_and_misses_on_one_byte() -> None
 
 def test_cache_is_bounded() -> None:
     secret = b"s" * 32
-    cfg = IssuerConfig(issuer="i", audiences=(), algorithms=("HS256",), secret_env="X",
-                       secret=secret)
+    cfg = IssuerConfig(
+        issuer="i", audiences=(), algorithms=("HS256",), secret_env="X", secret=secret
+    )
     verifier = TokenVerifier([cfg], cache_size=50)
     exp = int(time.time()) + 300
     for n in range(200):
