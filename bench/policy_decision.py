@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar.auth.identity import Identity  # noqa: E402
-from sidecar.policy.decide import match, verdict  # noqa: E402
-from sidecar.policy.load import compile_sources  # noqa: E402
+from sidecar.auth.identity import Identity
+from sidecar.policy.decide import match, verdict
+from sidecar.policy.load import compile_sources
 
 
 def policy_text(n: int) -> str:
