@@ -269,3 +269,45 @@ def test_cache_is_bounded() -> None:
     for n in range(200):
         verifier.verify(jwt.encode({"iss": "i", "sub": f"u{n}", "exp": exp}, secret, "HS256"))
     assert len(verifier._cache) == 50
+
+
+@pytest.mark.parametrize(
+    "alg",
+    ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"],
+)
+def test_every_allowed_algorithm_verifies_and_others_do_not(alg: str, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    signing: object
+    if alg.startswith("HS"):
+        signing = b"k" * 64
+        cfg = IssuerConfig(
+            issuer="i", audiences=(), algorithms=(alg,), secret_env="X", secret=signing
+        )
+    else:
+        if alg.startswith(("RS", "PS")):
+            private: object = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        elif alg == "ES384":
+            private = ec.generate_private_key(ec.SECP384R1())
+        elif alg == "ES256":
+            private = ec.generate_private_key(ec.SECP256R1())
+        else:
+            private = ed25519.Ed25519PrivateKey.generate()
+        pem = private.public_key().public_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        (tmp_path / "k.pem").write_bytes(pem)
+        signing = private
+        cfg = IssuerConfig(
+            issuer="i", audiences=(), algorithms=(alg,), public_key_file=tmp_path / "k.pem"
+        )
+    verifier = TokenVerifier([cfg])
+    claims = {"iss": "i", "sub": "u", "exp": int(time.time()) + 60}
+    token = jwt.encode(claims, signing, algorithm=alg)  # type: ignore[arg-type]
+    assert verifier.verify(token).subject == "u"
+    other = "HS256" if not alg.startswith("HS") else "HS512" if alg != "HS512" else "HS384"
+    forged = jwt.encode(claims, b"k" * 64, algorithm=other)
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(forged)
+    assert info.value.reason == "algorithm_not_allowed"
