@@ -385,11 +385,6 @@ def _issuer(
     c.finish()
     query_param = r.get("query_param", _str, "")
     cookie = r.get("cookie", _str, "")
-    if query_param or cookie:
-        key_at_fault = "query_param" if query_param else "cookie"
-        raise r.fail(
-            key_at_fault, "tokens outside Authorization are not available in this version yet"
-        )
     mfa_default: tuple[str, ...] = ("mfa",)
     required_default: tuple[str, ...] = ("exp", "sub")
     mfa_values = r.get("mfa_values", _str_list, mfa_default)

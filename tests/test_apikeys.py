@@ -166,3 +166,49 @@ async def test_redis_store_revocation_within_one_second_on_two_sidecars(
     client.close()
     assert b"sha256" in everything
     assert secret.encode() not in everything and key.encode() not in everything
+
+
+async def test_redis_sentinel_url_reaches_the_master(tmp_path: Path, redis_url: str) -> None:
+    """`redis+sentinel://HOST:PORT/MASTER` goes through a real redis-sentinel."""
+    import shutil
+
+    from sidecar.app import free_port
+    from sidecar.auth import apikeys
+
+    master_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\nsentinel monitor main 127.0.0.1 {master_port} 1\n"
+    )
+    binary = shutil.which("redis-server")
+    assert binary
+    proc = subprocess.Popen(  # noqa: ASYNC220 - starting a server, not waiting on it
+        [binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        record, key = apikeys.created(
+            "via-sentinel",
+            subject=None,
+            roles=("admin",),
+            permissions=(),
+            tenant=None,
+            expires_in=None,
+        )
+        direct = apikeys.RedisKeyStore(redis_url)
+        await direct.put(record)
+        await direct.close()
+        store = apikeys.RedisKeyStore(f"redis+sentinel://127.0.0.1:{port}/main")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                found = await store.lookup(record.id)
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "sentinel never answered"
+                await asyncio.sleep(0.2)
+        assert found is not None and found.accepts(key.split("_", 2)[2], time.time())
+        await store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

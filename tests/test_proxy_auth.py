@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -292,3 +293,73 @@ async def test_strip_authorization_hides_the_credential_from_the_app(
     assert "authorization" not in names
     assert "x-auth-subject" in names
     assert token not in json.dumps(body)
+
+
+async def test_cookie_and_query_tokens_when_configured(
+    make_sidecar: SidecarFactory, upstream: Upstream, keys: Keys, tmp_path: object
+) -> None:
+    auth = f"""  jwt:
+    - issuer: "https://issuer.test"
+      audiences: ["orders"]
+      algorithms: ["RS256"]
+      public_key_file: "{keys.rsa_public_file}"
+      cookie: session
+      query_param: access_token
+"""
+    running: Running = await make_sidecar(upstream.url, auth_override=auth)
+    token = make_token(keys, roles=["admin"])
+    async with aiohttp.ClientSession() as client:
+        async with client.get(
+            f"{running.url}/app/x", headers={"Cookie": f"theme=dark; session={token}"}
+        ) as r:
+            assert r.status == 200
+        async with client.get(f"{running.url}/app/x?access_token={token}") as r:
+            assert r.status == 200
+        # a token in two places is ambiguous, even when both are good
+        async with client.get(
+            f"{running.url}/app/x?access_token={token}",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as r:
+            assert r.status == 400
+            assert (await r.json())["reason"] == "multiple_credentials"
+        # a bad cookie is a 401: no falling through to anonymous
+        async with client.get(f"{running.url}/app/x", headers={"Cookie": "session=junk"}) as r:
+            assert r.status == 401
+
+
+async def test_token_cli_with_a_private_key_file(keys: Keys, proxy: Running) -> None:
+    import subprocess
+    import sys
+
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "token",
+            "--key",
+            str(keys.rsa_private_file),
+            "--sub",
+            "cli-user",
+            "--roles",
+            "support",
+            "--issuer",
+            "https://issuer.test",
+            "--audience",
+            "orders",
+            "--ttl",
+            "2m",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(
+            f"{proxy.url}/api/users", headers={"Authorization": f"Bearer {out.stdout.strip()}"}
+        ) as r,
+    ):
+        assert r.status == 200

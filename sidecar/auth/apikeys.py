@@ -301,9 +301,10 @@ class FileKeyStore:
 # Redis store
 
 
-def redis_client(url: str) -> Any:
+def redis_client(url: str) -> tuple[Any, list[Any]]:
     """An asyncio Redis client for redis://, rediss://, unix://, redis+sentinel:// (hosts,
-    then /master-name[/db]) and redis+cluster:// URLs."""
+    then /master-name[/db]) and redis+cluster:// URLs, and the other clients to close
+    with it (a sentinel's own connections)."""
     from redis import asyncio as aioredis
 
     if url.startswith("redis+sentinel://"):
@@ -320,12 +321,13 @@ def redis_client(url: str) -> Any:
             host, _, port = item.rpartition(":")
             hosts.append((host or item, int(port) if port.isdigit() else 26379))
         sentinel = Sentinel(hosts, socket_timeout=1.0)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(master, db=int(db or 0), socket_timeout=1.0)
+        master_client = sentinel.master_for(master, db=int(db or 0), socket_timeout=1.0)
+        return master_client, list(sentinel.sentinels)
     if url.startswith("redis+cluster://"):
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url("redis://" + url[len("redis+cluster://") :])
-    return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        return RedisCluster.from_url("redis://" + url[len("redis+cluster://") :]), []
+    return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0), []
 
 
 class RedisKeyStore:
@@ -335,7 +337,7 @@ class RedisKeyStore:
 
     def __init__(self, url: str, *, cache_size: int = 10_000) -> None:
         self.url = url
-        self.client = redis_client(url)
+        self.client, self._others = redis_client(url)
         self._cache: OrderedDict[str, tuple[float, ApiKeyRecord | None]] = OrderedDict()
         self._cache_size = cache_size
         self.last_error = ""
@@ -372,8 +374,10 @@ class RedisKeyStore:
         return "ok"
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         await self.client.aclose()
+        for other in self._others:
+            await other.aclose()
 
     # -- administration (the CLI) ----------------------------------------------------------
 
