@@ -183,7 +183,7 @@ async def test_redis_sentinel_url_reaches_the_master(tmp_path: Path, redis_url: 
     )
     binary = shutil.which("redis-server")
     assert binary
-    proc = subprocess.Popen(  # noqa: ASYNC220 - starting a server, not waiting on it
+    proc = subprocess.Popen(
         [binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
