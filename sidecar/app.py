@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,12 @@ from sidecar.proxy.handler import ProxyHandler, reject_hook
 from sidecar.proxy.headers import HeaderRules
 from sidecar.proxy.paths import canonical
 from sidecar.proxy.server import ProxyServer
+from sidecar.secrets.audit import AuditLog
+from sidecar.secrets.inject import SecretHeaders
+from sidecar.secrets.providers import EnvProvider, FileProvider, Provider
+from sidecar.secrets.render import FileRenderer
+from sidecar.secrets.rotation import SecretStore
+from sidecar.secrets.vault import VaultProvider
 
 
 def require_c_parser() -> None:
@@ -62,8 +69,30 @@ class Sidecar:
         auth = config.auth
         api_key_header = auth.api_keys.header if auth.api_keys else "X-API-Key"
         cookies = tuple(sorted({i.cookie for i in auth.jwt if i.cookie}))
+        self.audit = AuditLog(config.audit_sink)
+        sc = config.secrets
+        self.secret_store: SecretStore | None = None
+        self.renderers = [FileRenderer(f) for f in sc.files]
+        secret_headers: SecretHeaders | None = None
+        if sc.headers or sc.files:
+            self.secret_store = SecretStore(
+                make_provider(config),
+                [h.secret for h in sc.headers if "{tenant}" not in h.secret]
+                + [f.secret for f in sc.files],
+                interval=sc.refresh_interval,
+                renderers=self.renderers,
+                on_refresh=lambda result: self.metrics.secret_refresh.labels(result).inc(),
+                on_loaded=lambda secret: self.audit.secret_loaded(
+                    path=secret.path, version=secret.version, purpose="refresh"
+                ),
+            )
+            for path in self.secret_store.paths:
+                self.metrics.secret_age.labels(path).set_function(self._age_of(path))
+            if sc.headers:
+                secret_headers = SecretHeaders(sc.headers, self.secret_store, self.audit)
         headers = HeaderRules(
             config.proxy.identity_header_prefix,
+            secret_headers=secret_headers.names if secret_headers else (),
             strip_authorization=config.proxy.strip_authorization,
             credential_headers=(api_key_header,) if auth.api_keys else (),
             credential_cookies=cookies,
@@ -97,6 +126,7 @@ class Sidecar:
             on_unknown_kid=lambda issuer: self.metrics.unknown_kid.labels(issuer).inc(),
         )
         self._jwks_session: aiohttp.ClientSession | None = None
+        self._notify_session: aiohttp.ClientSession | None = None
         self.handler = ProxyHandler(
             policy=policy,
             authenticator=authenticator,
@@ -104,6 +134,8 @@ class Sidecar:
             headers=headers,
             metrics=self.metrics,
             proxy=config.proxy,
+            secret_headers=secret_headers,
+            audit=self.audit,
         )
         self.watcher = PolicyWatcher(
             self.policy_path,
@@ -121,6 +153,14 @@ class Sidecar:
         self.draining = False
         self.listen_port = 0
         self.admin_port = 0
+
+    def _age_of(self, path: str) -> Callable[[], float]:
+        def age() -> float:
+            assert self.secret_store is not None
+            loaded = self.secret_store.loaded_at.get(path)
+            return time.time() - loaded if loaded is not None else -1.0
+
+        return age
 
     def _jwks_counter(self, issuer: str) -> Callable[[str], None]:
         def count(result: str) -> None:
@@ -166,6 +206,18 @@ class Sidecar:
         for issuer, keyset in self.keysets.items():
             checks[f"jwks:{issuer}"] = keyset.status()
             gating.add(f"jwks:{issuer}")
+        if self.secret_store is not None:
+            for path in self.secret_store.paths:
+                checks[f"secret:{path}"] = self.secret_store.status(path)
+                gating.add(f"secret:{path}")
+            for renderer in self.renderers:
+                name = f"file:{renderer.spec.path}"
+                checks[name] = (
+                    "ok"
+                    if renderer.ready
+                    else (f"not written yet: {renderer.last_error or 'waiting for its secret'}")
+                )
+                gating.add(name)
         if isinstance(self.key_store, RedisKeyStore):
             checks["api_keys"] = await self.key_store.ping()
         elif self.key_store is not None:
@@ -218,6 +270,13 @@ class Sidecar:
                 self._tasks.append(asyncio.create_task(keyset.run(self._jwks_session), name="jwks"))
         if isinstance(self.key_store, FileKeyStore):
             self._tasks.append(asyncio.create_task(self.key_store.run(), name="api-keys"))
+        if self.secret_store is not None:
+            self._notify_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=5.0), cookie_jar=aiohttp.DummyCookieJar()
+            )
+            self._tasks.append(
+                asyncio.create_task(self.secret_store.run(self._notify_session), name="secrets")
+            )
         if cfg.policy_reload_interval > 0:
             await self.watcher.prime()
             self._tasks.append(asyncio.create_task(self.watcher.run(), name="policy-watch"))
@@ -249,14 +308,39 @@ class Sidecar:
             await self._proxy_runner.cleanup()
             self._proxy_runner = None
         await self.forwarder.close()
-        if self._jwks_session is not None:
-            await self._jwks_session.close()
-            self._jwks_session = None
+        for session in (self._jwks_session, self._notify_session):
+            if session is not None:
+                await session.close()
+        self._jwks_session = self._notify_session = None
+        self.audit.close()
         if isinstance(self.key_store, RedisKeyStore):
             await self.key_store.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+
+
+def make_provider(config: Config) -> Provider:
+    """The secrets provider the config names."""
+    sc = config.secrets
+    if sc.provider == "env":
+        return EnvProvider()
+    if sc.provider == "vault":
+        v = sc.vault
+        assert v is not None
+        return VaultProvider(
+            url=v.url,
+            token=v.token,
+            auth=v.auth_method,
+            role=v.role,
+            role_id=v.role_id,
+            secret_id=v.secret_id,
+            jwt_path=v.jwt_path,
+            auth_mount=v.auth_mount,
+            mount_point=v.kv_mount,
+            transit_mount=v.transit_mount,
+        )
+    return FileProvider(sc.file)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

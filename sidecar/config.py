@@ -30,8 +30,6 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 # Keys of the contract that later versions implement; named precisely instead of "unknown".
 _NOT_YET = {
-    "secrets": "secret injection",
-    "audit": "the audit sink",
     "workers": "multiple workers",
 }
 
@@ -183,6 +181,57 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class VaultConfig:
+    """How to reach and log in to Vault / OpenBao."""
+
+    url: str
+    auth_method: str = "kubernetes"  # kubernetes | approle | token
+    role: str | None = None
+    role_id: str | None = None
+    secret_id: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    jwt_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    auth_mount: str | None = None
+    kv_mount: str = "secret"
+    transit_mount: str = "transit"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretHeader:
+    """A header the app receives on allowed requests, filled from a secret field."""
+
+    name: str
+    secret: str  # path; may contain {tenant}
+    field: str
+    rules: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretFile:
+    """A file rendered from a secret, rewritten atomically when the secret changes."""
+
+    path: Path
+    secret: str
+    template: str
+    mode: int = 0o400
+    on_change_post: str = ""  # POST here after a change (the app's reload URL)
+    on_change_signal: str = ""  # or send this signal (HUP, USR1, ...) ...
+    pid_file: Path | None = None  # ... to the pid in this file
+
+
+@dataclass(frozen=True, slots=True)
+class SecretsConfig:
+    """Where secrets come from and where they go."""
+
+    provider: str = "file"  # file | env | vault
+    file: Path = Path("secrets.yaml")
+    vault: VaultConfig | None = None
+    refresh_interval: float = 60.0
+    headers: tuple[SecretHeader, ...] = ()
+    files: tuple[SecretFile, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration of one sidecar."""
 
@@ -195,6 +244,8 @@ class Config:
     proxy: ProxyConfig = ProxyConfig()
     auth: AuthConfig = AuthConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
+    secrets: SecretsConfig = SecretsConfig()
+    audit_sink: str = "stdout"  # stdout | file:PATH
     source: Path | None = None
 
 
@@ -355,6 +406,147 @@ def _prefix(value: Any) -> str:
     if not re.fullmatch(r"[A-Za-z0-9-]+-", text):
         raise ValueError(f"expected a header-name prefix ending in '-', got {value!r}")
     return text
+
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9-]+$")
+_SECRET_PATH = re.compile(r"^[A-Za-z0-9_.\-/{}]+$")
+
+
+def _sink(value: Any) -> str:
+    text = _str(value)
+    if text == "stdout" or (text.startswith("file:") and len(text) > 5):
+        return text
+    raise ValueError(f"expected stdout or file:PATH, got {value!r}")
+
+
+def _secret_path(value: Any) -> str:
+    text = _str(value)
+    if not _SECRET_PATH.match(text) or ".." in text or text.startswith("/"):
+        raise ValueError(f"expected a secret path like database/orders, got {value!r}")
+    if text.replace("{tenant}", "").count("{") or text.replace("{tenant}", "").count("}"):
+        raise ValueError(f"only {{tenant}} may be templated in a secret path, got {value!r}")
+    return text
+
+
+def _mode(value: Any) -> int:
+    text = str(value)
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError(f'expected a file mode like "0400", got {value!r}')
+    return int(text, 8)
+
+
+def _secrets(r: _Reader, base: Path, env: Mapping[str, str]) -> SecretsConfig:
+    d = SecretsConfig()
+    provider = r.get("provider", _choice("file", "env", "vault"), d.provider)
+    file = r.get("file", _path(base), base / d.file)
+    interval = r.get("refresh_interval", parse_duration, d.refresh_interval)
+    vault: VaultConfig | None = None
+    if provider == "vault" or "vault" in r.data:
+        v = r.section("vault")
+        url = v.get("url", _url, env.get("DOTMAC_VAULT_URL", ""))
+        if not url:
+            raise v.fail("url", "set secrets.vault.url (or DOTMAC_VAULT_URL)")
+        a = v.section("auth")
+        method = a.get(
+            "method",
+            _choice("kubernetes", "approle", "token"),
+            "token" if env.get("DOTMAC_VAULT_TOKEN") else "kubernetes",
+        )
+        role = a.get("role", _str, None)
+        role_id = a.get("role_id", _str, None)
+        secret_id_env = a.get("secret_id_env", _str, "DOTMAC_VAULT_SECRET_ID")
+        token_env = a.get("token_env", _str, "DOTMAC_VAULT_TOKEN")
+        jwt_path = a.get("jwt_path", _str, VaultConfig("x").jwt_path)
+        auth_mount = a.get("mount", _str, None)
+        a.finish()
+        token = env.get(token_env) or None
+        secret_id = env.get(secret_id_env) or None
+        if method == "token" and not token:
+            raise a.fail("method", f"token auth needs the token in {token_env}")
+        if method == "approle" and not (role_id and secret_id):
+            raise a.fail(
+                "method", f"approle auth needs role_id and the secret id in {secret_id_env}"
+            )
+        if method == "kubernetes" and not role:
+            raise a.fail("method", "kubernetes auth needs a role")
+        vault = VaultConfig(
+            url=url,
+            auth_method=method,
+            role=role,
+            role_id=role_id,
+            secret_id=secret_id,
+            token=token,
+            jwt_path=jwt_path,
+            auth_mount=auth_mount,
+            kv_mount=v.get("kv_mount", _str, env.get("DOTMAC_VAULT_MOUNT_POINT", "secret")),
+            transit_mount=v.get("transit_mount", _str, "transit"),
+        )
+        v.finish()
+    headers: list[SecretHeader] = []
+    r.seen.add("headers")
+    for i, item in enumerate(r.data.get("headers") or []):
+        h = _Reader(
+            item if isinstance(item, Mapping) else None,
+            f"secrets.headers[{i}]",
+            {},
+            {},
+            _where_in(r.data.get("headers"), i, r.origin),
+        )
+        if not isinstance(item, Mapping):
+            raise h.fail("name", "expected {name, secret, field}")
+        name = h.get("name", _header_name, "")
+        secret = h.get("secret", _secret_path, "")
+        fld = h.get("field", _str, "")
+        every_rule: tuple[str, ...] = ("*",)
+        rules = h.get("rules", _str_list, every_rule)
+        h.finish()
+        if not (name and secret and fld):
+            raise h.fail("name", "every secret header needs name, secret and field")
+        headers.append(SecretHeader(name, secret, fld, rules))
+    files: list[SecretFile] = []
+    r.seen.add("files")
+    for i, item in enumerate(r.data.get("files") or []):
+        f = _Reader(
+            item if isinstance(item, Mapping) else None,
+            f"secrets.files[{i}]",
+            {},
+            {},
+            _where_in(r.data.get("files"), i, r.origin),
+        )
+        if not isinstance(item, Mapping):
+            raise f.fail("path", "expected {path, secret, template}")
+        path = f.get("path", _path(base), None)
+        secret = f.get("secret", _secret_path, "")
+        template = f.get("template", _str, "")
+        mode = f.get("mode", _mode, 0o400)
+        oc = f.section("on_change")
+        post = oc.get("post", _url, "")
+        sig = oc.get("signal", _choice("HUP", "USR1", "USR2", "TERM", "INT"), "")
+        pid_file = oc.get("pid_file", _path(base), None)
+        oc.finish()
+        f.finish()
+        if path is None or not secret or not template:
+            raise f.fail("path", "every secret file needs path, secret and template")
+        if "{tenant}" in secret:
+            raise f.fail("secret", "a rendered file cannot depend on a request's tenant")
+        if sig and pid_file is None:
+            raise f.fail("on_change", "signal needs pid_file")
+        files.append(SecretFile(path, secret, template, mode, post, sig, pid_file))
+    r.finish()
+    return SecretsConfig(
+        provider=provider,
+        file=file,
+        vault=vault,
+        refresh_interval=interval,
+        headers=tuple(headers),
+        files=tuple(files),
+    )
+
+
+def _where_in(node: Any, index: int, fallback: str) -> str:
+    if isinstance(node, yamldoc.LocatedList):
+        return node.where(index)
+    return fallback
 
 
 def _issuer(
@@ -599,6 +791,11 @@ def load(
         api_keys = ApiKeysConfig(store=store, file=keys_file, header=header)
     a.finish()
 
+    secrets_cfg = _secrets(r.section("secrets"), base, env)
+    au = r.section("audit")
+    audit_sink = au.get("sink", _sink, "stdout")
+    au.finish()
+
     o = r.section("observability")
     do = ObservabilityConfig()
     obs = ObservabilityConfig(
@@ -629,5 +826,7 @@ def load(
         proxy=proxy,
         auth=AuthConfig(jwt=tuple(issuers), api_keys=api_keys, redis_url=redis_url),
         observability=obs,
+        secrets=secrets_cfg,
+        audit_sink=audit_sink,
         source=file,
     )

@@ -62,7 +62,7 @@ def test_bad_durations(value: object) -> None:
         ("upstream: 'ftp://x'\n", "sidecar.yaml:1: upstream: expected http://HOST:PORT"),
         ("listne: ':80'\n", "sidecar.yaml:1: listne: unknown key"),
         ("proxy: [1]\n", "sidecar.yaml:1: proxy: expected a mapping"),
-        ("secrets: {provider: vault}\n", "secret injection is not available in this version yet"),
+        ("secrets: {provider: vault}\n", "secrets.vault.url: set secrets.vault.url"),
         ("a: 1\na: 2\n", "sidecar.yaml:2: duplicate key 'a'"),
         ("listen: [\n", "sidecar.yaml:2: YAML syntax error"),
         (

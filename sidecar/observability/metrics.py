@@ -112,6 +112,18 @@ class Metrics:
             ["issuer"],
             registry=r,
         )
+        self.secret_refresh = Counter(
+            "dotmac_sidecar_secret_refresh",
+            "Secret reads by the refresh loop, by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
+        self.secret_age = Gauge(
+            "dotmac_sidecar_secret_age_seconds",
+            "Seconds since each configured secret was last read successfully.",
+            ["secret"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "dotmac_sidecar_in_flight_requests", "Requests being handled now.", registry=r
         )

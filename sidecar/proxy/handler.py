@@ -27,6 +27,8 @@ from sidecar.proxy.forward import Forwarder
 from sidecar.proxy.headers import HeaderRules, request_id
 from sidecar.proxy.paths import canonical
 from sidecar.proxy.server import error_body
+from sidecar.secrets.audit import AuditLog
+from sidecar.secrets.inject import SecretHeaders
 
 _NEVER_PROXIED = frozenset({"TRACE", "TRACK", "CONNECT"})
 
@@ -80,8 +82,12 @@ class ProxyHandler:
         headers: HeaderRules,
         metrics: Metrics,
         proxy: ProxyConfig,
+        secret_headers: SecretHeaders | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.policy = policy
+        self.secret_headers = secret_headers
+        self.audit = audit
         self.authenticator = authenticator
         self.forwarder = forwarder
         self.headers = headers
@@ -125,6 +131,17 @@ class ProxyHandler:
         )
         if ex.decision:
             self.metrics.decisions.labels(ex.rule, ex.decision).inc()
+            if self.audit is not None:
+                self.audit.decision(
+                    decision=ex.decision,
+                    rule=ex.rule,
+                    reason=ex.reason,
+                    subject_kind=ex.auth_method or "anonymous",
+                    method=request.method,
+                    path=ex.path,
+                    request_id=ex.request_id,
+                    trace_id=ex.trace.trace_id,
+                )
         elif ex.rule == "-" and ex.reason:
             self.metrics.rejected.labels(ex.reason).inc()
         logs.access(
@@ -175,9 +192,12 @@ class ProxyHandler:
         # 4. headers the app trusts
         if request.headers.get("Expect", "").lower() == "100-continue" and version.minor >= 1:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        own = self._sidecar_headers(request, rule, identity, ex)
+        if self.secret_headers is not None:
+            own += await self.secret_headers.for_request(rule.name, identity, ex.request_id)
         outgoing = self.headers.upstream(
             request.headers,
-            self._sidecar_headers(request, rule, identity, ex),
+            own,
             strip_credentials=identity is not None,
             websocket=_is_websocket(request),
         )

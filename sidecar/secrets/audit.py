@@ -1,0 +1,99 @@
+"""Audit events: every allow/deny decision and every secret read, one JSON line each.
+
+Never a secret value or a credential: a secret read names the path, version, tenant, rule
+and request id; a decision names the rule, outcome, reason and the kind of caller.
+The sink is stdout or `file:PATH` (appended, line-buffered).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import IO, Any
+
+
+class AuditLog:
+    """Writes audit events to the configured sink."""
+
+    def __init__(self, sink: str = "stdout") -> None:
+        self.sink = sink
+        self._out: IO[str]
+        if sink.startswith("file:"):
+            self._out = open(sink[5:], "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._owned = True
+        else:
+            self._out = sys.stdout
+            self._owned = False
+
+    def _write(self, event: dict[str, Any]) -> None:
+        now = time.time()
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
+            "level": "INFO",
+            "msg": "audit",
+            **event,
+        }
+        self._out.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def secret_read(
+        self, *, path: str, version: str, tenant: str | None, rule: str, request_id: str
+    ) -> None:
+        """A secret was read for a request (injected as a header)."""
+        self._write(
+            {
+                "event": "secret_read",
+                "path": path,
+                "version": version,
+                "tenant": tenant,
+                "rule": rule,
+                "request_id": request_id,
+            }
+        )
+
+    def secret_loaded(self, *, path: str, version: str, purpose: str) -> None:
+        """A secret was read by a background loop (refresh or file rendering)."""
+        self._write(
+            {
+                "event": "secret_read",
+                "path": path,
+                "version": version,
+                "tenant": None,
+                "rule": None,
+                "request_id": None,
+                "purpose": purpose,
+            }
+        )
+
+    def decision(
+        self,
+        *,
+        decision: str,
+        rule: str,
+        reason: str,
+        subject_kind: str,
+        method: str,
+        path: str,
+        request_id: str,
+        trace_id: str,
+    ) -> None:
+        """A policy decision on a request."""
+        self._write(
+            {
+                "event": "decision",
+                "decision": decision,
+                "rule": rule,
+                "reason": reason,
+                "subject_kind": subject_kind,
+                "method": method,
+                "path": path,
+                "request_id": request_id,
+                "trace_id": trace_id,
+            }
+        )
+
+    def close(self) -> None:
+        """Close a file sink."""
+        if self._owned:
+            self._out.close()
