@@ -196,9 +196,10 @@ async def make_sidecar(tmp_path: Path, keys: Keys) -> AsyncIterator[SidecarFacto
         policy: Path | str = HERE / "policies/proxy.yaml",
         extra: str = "",
         auth_override: str = "",
+        env: dict[str, str] | None = None,
     ) -> Running:
         cfg_file = write_config(tmp_path, keys, upstream_url, policy, extra, auth_override)
-        cfg = config_mod.load(cfg_file, env={"TEST_HS_SECRET": HS_SECRET})
+        cfg = config_mod.load(cfg_file, env={"TEST_HS_SECRET": HS_SECRET, **(env or {})})
         sc = Sidecar(cfg, registry=CollectorRegistry())
         await sc.start()
         started.append(sc)

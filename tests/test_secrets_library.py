@@ -3,7 +3,6 @@ field encryption (transit and local), AppRole and Kubernetes-style login, token 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -180,29 +179,3 @@ async def test_kubernetes_style_login_through_jwt_auth(bao: Bao, tmp_path: Path)
     provider = VaultProvider(url=bao.url, auth="kubernetes", role="orders", jwt_path=token_file)
     assert await SecretsManager(provider=provider).get_secret("orders/db", "password") == "pw"
     assert provider.logins == 1
-
-
-async def test_short_token_ttl_is_renewed_or_replaced(bao: Bao) -> None:
-    """A 10 s token: the provider keeps working for 60 s by renewing and logging in again."""
-    from dotmac.platform.secrets import VaultProvider
-
-    root = bao.client()
-    _policy(bao)
-    root.sys.enable_auth_method("approle")
-    root.auth.approle.create_or_update_approle(
-        "short", token_policies=["app-read"], token_ttl="10s", token_max_ttl="20s"
-    )
-    role_id = root.auth.approle.read_role_id("short")["data"]["role_id"]
-    secret_id = root.auth.approle.generate_secret_id("short")["data"]["secret_id"]
-    root.secrets.kv.v2.create_or_update_secret(path="app/key", secret={"value": "k"})
-    provider = VaultProvider(url=bao.url, auth="approle", role_id=role_id, secret_id=secret_id)
-    started = time.monotonic()
-    reads = 0
-    while time.monotonic() - started < 60:
-        secret = await asyncio.to_thread(provider.read, "app/key")
-        assert secret.data["value"] == "k"
-        reads += 1
-        await asyncio.sleep(2)
-    assert reads >= 25
-    assert provider.renewals >= 1  # renewed within max_ttl...
-    assert provider.logins >= 3  # ...and logged in again when max_ttl ran out

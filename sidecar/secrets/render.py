@@ -38,6 +38,7 @@ class FileRenderer:
         self.spec = spec
         self.rendered_version: str | None = None
         self.last_error = ""
+        self._written = ""
 
     @property
     def ready(self) -> bool:
@@ -45,11 +46,11 @@ class FileRenderer:
         return self.rendered_version is not None
 
     async def apply(self, secret: Secret, session: aiohttp.ClientSession | None) -> bool:
-        """Write the file for this version if it is new; True when the file changed."""
-        if secret.version == self.rendered_version:
-            return False
+        """Write the file when its content changes; True when the file changed."""
         try:
             text = render(self.spec.template, secret.data, secret.path)
+            if text == self._written:
+                return False
             await asyncio.to_thread(atomic_write, self.spec.path, text, self.spec.mode)
         except (SecretError, OSError) as exc:
             self.last_error = (
@@ -63,6 +64,7 @@ class FileRenderer:
             return False
         first = self.rendered_version is None
         self.rendered_version = secret.version
+        self._written = text
         self.last_error = ""
         logs.event(
             logging.INFO,

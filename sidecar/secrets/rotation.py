@@ -108,7 +108,9 @@ class SecretStore:
             self.loaded_at[path] = time.time()
             self.on_refresh("success")
             old = self.snapshot.get(path)
-            if old is None or old.version != secret.version:
+            # compare content too: a provider that lost its data (a restarted dev server)
+            # starts numbering versions again
+            if old is None or old.version != secret.version or old.data != secret.data:
                 snapshot = dict(self.snapshot)
                 snapshot[path] = secret
                 self.snapshot = snapshot  # swapped whole
