@@ -67,8 +67,8 @@ def captured_logs() -> Iterator[io.StringIO]:
     access.disabled = old_disabled
 
 
-async def _ready(running: Running, client: aiohttp.ClientSession, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
+async def _ready(running: Running, client: aiohttp.ClientSession, wait: float = 15) -> None:
+    deadline = time.monotonic() + wait
     while True:
         async with client.get(f"{running.admin}/readyz") as r:
             if r.status == 200:
