@@ -35,7 +35,7 @@ from sidecar.proxy.paths import canonical
 from sidecar.proxy.server import ProxyServer
 from sidecar.secrets.audit import AuditLog
 from sidecar.secrets.inject import SecretHeaders
-from sidecar.secrets.providers import EnvProvider, FileProvider, Provider
+from sidecar.secrets.providers import EnvProvider, FileProvider, Provider, Secret
 from sidecar.secrets.render import FileRenderer
 from sidecar.secrets.rotation import SecretStore
 from sidecar.secrets.vault import VaultProvider
@@ -74,17 +74,17 @@ class Sidecar:
         self.secret_store: SecretStore | None = None
         self.renderers = [FileRenderer(f) for f in sc.files]
         secret_headers: SecretHeaders | None = None
-        if sc.headers or sc.files:
+        self._hmac_secrets = {i.secret_path: i for i in config.auth.jwt if i.secret_path}
+        if sc.headers or sc.files or self._hmac_secrets:
             self.secret_store = SecretStore(
                 make_provider(config),
                 [h.secret for h in sc.headers if "{tenant}" not in h.secret]
-                + [f.secret for f in sc.files],
+                + [f.secret for f in sc.files]
+                + list(self._hmac_secrets),
                 interval=sc.refresh_interval,
                 renderers=self.renderers,
                 on_refresh=lambda result: self.metrics.secret_refresh.labels(result).inc(),
-                on_loaded=lambda secret: self.audit.secret_loaded(
-                    path=secret.path, version=secret.version, purpose="refresh"
-                ),
+                on_loaded=self._secret_loaded,
             )
             for path in self.secret_store.paths:
                 self.metrics.secret_age.labels(path).set_function(self._age_of(path))
@@ -153,6 +153,21 @@ class Sidecar:
         self.draining = False
         self.listen_port = 0
         self.admin_port = 0
+
+    def _secret_loaded(self, secret: Secret) -> None:
+        self.audit.secret_loaded(path=secret.path, version=secret.version, purpose="refresh")
+        issuer = self._hmac_secrets.get(secret.path)
+        if issuer is not None and issuer.issuer is not None:
+            value = secret.data.get(issuer.secret_field)
+            if value:
+                self.verifier.set_secret(issuer.issuer, value.encode())
+            else:
+                logs.event(
+                    logging.ERROR,
+                    "jwt_secret_missing_field",
+                    secret=secret.path,
+                    field=issuer.secret_field,
+                )
 
     def _age_of(self, path: str) -> Callable[[], float]:
         def age() -> float:

@@ -124,6 +124,9 @@ class IssuerConfig:
     secret: bytes | None = field(default=None, repr=False)
     jwks_url: str | None = None
     jwks_refresh: float = 300.0
+    secret_path: str | None = None  # HMAC secret from the secrets provider ...
+    secret_field: str = "value"  # ... this field of it
+    secret_grace: float = 86400.0  # a rotated-out secret still verifies this long
     leeway: float = 30.0
     claims: ClaimMap = ClaimMap()
     query_param: str = ""
@@ -565,6 +568,16 @@ def _issuer(
     jwks_url = r.get("jwks_url", _url, None)
     public_key_file = r.get("public_key_file", _path(base), None)
     secret_env = r.get("secret_env", _str, None)
+    secret_path: str | None = None
+    secret_field = "value"
+    if "secret" in item:
+        sr = r.section("secret")
+        secret_path = sr.get("path", _secret_path, None)
+        secret_field = sr.get("field", _str, "value")
+        sr.finish()
+        if secret_path is None or "{tenant}" in secret_path:
+            raise r.fail("secret", "expected {path: SECRET_PATH, field: FIELD}")
+    secret_grace = r.get("secret_grace", parse_duration, 86400.0)
     leeway = r.get("leeway", parse_duration, 30.0)
     c = r.section("claims")
     claims = ClaimMap(
@@ -591,6 +604,9 @@ def _issuer(
         secret_env=secret_env,
         jwks_url=jwks_url,
         jwks_refresh=jwks_refresh,
+        secret_path=secret_path,
+        secret_field=secret_field,
+        secret_grace=secret_grace,
         leeway=leeway,
         claims=claims,
         query_param=query_param,
@@ -612,6 +628,9 @@ def _make_issuer(
     leeway: float,
     jwks_url: str | None = None,
     jwks_refresh: float = 300.0,
+    secret_path: str | None = None,
+    secret_field: str = "value",
+    secret_grace: float = 86400.0,
     claims: ClaimMap,
     query_param: str,
     cookie: str,
@@ -620,18 +639,21 @@ def _make_issuer(
     origin: str,
     env: Mapping[str, str],
 ) -> IssuerConfig:
-    sources = [x for x in (public_key_file, secret_env, jwks_url) if x is not None]
+    sources = [x for x in (public_key_file, secret_env, jwks_url, secret_path) if x is not None]
     if len(sources) != 1:
-        raise ConfigError(f"{origin}: set exactly one of jwks_url, public_key_file or secret_env")
+        raise ConfigError(
+            f"{origin}: set exactly one of jwks_url, public_key_file, secret_env or secret"
+        )
+    hmac_source = secret_env or secret_path
     if not algorithms:
-        algorithms = ("HS256",) if secret_env else ("RS256",)
+        algorithms = ("HS256",) if hmac_source else ("RS256",)
     for alg in algorithms:
         if alg.lower() == "none":
             raise ConfigError(f"{origin}.algorithms: 'none' is never accepted")
         if alg not in HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS:
             raise ConfigError(f"{origin}.algorithms: unknown algorithm {alg!r}")
-        if secret_env and alg not in HMAC_ALGORITHMS:
-            raise ConfigError(f"{origin}.algorithms: {alg} needs a public key, not secret_env")
+        if hmac_source and alg not in HMAC_ALGORITHMS:
+            raise ConfigError(f"{origin}.algorithms: {alg} needs a public key, not a shared secret")
         if (public_key_file or jwks_url) and alg in HMAC_ALGORITHMS:
             raise ConfigError(
                 f"{origin}.algorithms: {alg} is an HMAC algorithm and cannot be checked "
@@ -654,6 +676,9 @@ def _make_issuer(
         secret=secret,
         jwks_url=jwks_url,
         jwks_refresh=jwks_refresh,
+        secret_path=secret_path,
+        secret_field=secret_field,
+        secret_grace=secret_grace,
         leeway=leeway,
         claims=claims,
         query_param=query_param,

@@ -12,6 +12,7 @@ be present, and `iss`, `aud`, `exp`, `nbf` are checked with the issuer's leeway.
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 import time
 import uuid
@@ -133,7 +134,7 @@ class UnknownKey(Unauthenticated):
 
 
 class _Issuer:
-    __slots__ = ("algorithms", "audiences", "config", "key", "keyset", "name")
+    __slots__ = ("algorithms", "audiences", "config", "key", "keyset", "name", "secrets")
 
     def __init__(self, config: IssuerConfig, keyset: KeySet | None) -> None:
         self.config = config
@@ -142,7 +143,9 @@ class _Issuer:
         self.audiences = list(config.audiences) or None
         self.keyset = keyset
         self.key: bytes | PublicKey | None = None
-        if keyset is not None:
+        # HMAC secrets from the secrets provider: (secret, valid until), newest first
+        self.secrets: list[tuple[bytes, float]] = []
+        if keyset is not None or config.secret_path is not None:
             return
         key: bytes | PublicKey
         if config.secret is not None:
@@ -157,6 +160,26 @@ class _Issuer:
                     f"its key ({type(key).__name__})"
                 )
         self.key = key
+
+    def set_secret(self, secret: bytes) -> None:
+        """A new HMAC secret; the previous one keeps verifying for the grace period."""
+        now = time.time()
+        if self.secrets and hmac.compare_digest(self.secrets[0][0], secret):
+            return
+        kept = [(k, until) for k, until in self.secrets if until > now]
+        if kept:
+            kept[0] = (kept[0][0], min(kept[0][1], now + self.config.secret_grace))
+        self.secrets = [(secret, float("inf")), *kept]
+
+    def keys_for(self, header: Mapping[str, Any], alg: str) -> list[tuple[Any, float]]:
+        """The keys to try, each with how long a verification by it may be trusted."""
+        if self.config.secret_path is not None:
+            now = time.time()
+            keys = [(k, until) for k, until in self.secrets if until > now]
+            if not keys:
+                raise Unauthenticated("key_not_loaded", "signing key not loaded yet")
+            return keys
+        return [(self.key_for(header, alg), float("inf"))]
 
     def key_for(self, header: Mapping[str, Any], alg: str) -> Any:
         """The key to check this token with; raises UnknownKey for a kid not (yet) known."""
@@ -203,6 +226,15 @@ class TokenVerifier:
         """Drop every cached verification (a key was removed from a key set)."""
         self._cache.clear()
 
+    def set_secret(self, issuer: str, secret: bytes) -> None:
+        """Install a new HMAC secret for an issuer whose secret comes from the provider.
+
+        Cached verifications are dropped, so a token verified by the old secret is checked
+        again and trusted only until the old secret's grace period ends.
+        """
+        self._issuers[issuer].set_secret(secret)
+        self.forget()
+
     def verify(self, token: str) -> Identity:
         """The Identity a valid token carries; raises Unauthenticated with a precise reason."""
         cached = self._cache.get(token)
@@ -213,7 +245,7 @@ class TokenVerifier:
             del self._cache[token]
         identity, exp = self._verify(token)
         cache = self._cache
-        cache[token] = (exp, identity)
+        cache[token] = (exp, identity)  # exp already bounded by the key's own validity
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
         return identity
@@ -233,17 +265,34 @@ class TokenVerifier:
         if alg not in issuer.algorithms:
             raise Unauthenticated("algorithm_not_allowed", "token algorithm not allowed")
         cfg = issuer.config
-        claims = decode_checked(
-            token,
-            issuer.key_for(header, alg),
-            algorithm=alg,
-            audiences=issuer.audiences,
-            issuer=issuer.name,
-            leeway=cfg.leeway,
-            required=cfg.required_claims,
-        )
+        claims, trusted_until = self._decode_first(token, issuer, issuer.keys_for(header, alg), alg)
         exp = claims.get("exp")
-        return self._identity(claims, cfg), float(exp) if isinstance(exp, int | float) else 0.0
+        until = min(float(exp) if isinstance(exp, int | float) else 0.0, trusted_until)
+        return self._identity(claims, cfg), until
+
+    @staticmethod
+    def _decode_first(
+        token: str, issuer: _Issuer, keys: list[tuple[Any, float]], alg: str
+    ) -> tuple[dict[str, Any], float]:
+        """Claims from the first key whose signature matches (newest secret first)."""
+        cfg = issuer.config
+        for i, (key, trusted_until) in enumerate(keys):
+            try:
+                claims = decode_checked(
+                    token,
+                    key,
+                    algorithm=alg,
+                    audiences=issuer.audiences,
+                    issuer=issuer.name,
+                    leeway=cfg.leeway,
+                    required=cfg.required_claims,
+                )
+            except Unauthenticated as exc:
+                if exc.reason != "bad_signature" or i == len(keys) - 1:
+                    raise
+                continue
+            return claims, trusted_until
+        raise Unauthenticated("key_not_loaded", "signing key not loaded yet")
 
     def _pick_issuer(self, token: str) -> _Issuer:
         if self._any is not None:
