@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 from sidecar.app import Sidecar
@@ -48,6 +49,7 @@ def _port(preferred: int) -> int:
 
 async def _demo(port: int, admin_port: int) -> int:
     secret = secrets.token_urlsafe(32)
+    audit_file = Path(tempfile.gettempdir()) / f"dotmac-demo-audit-{os.getpid()}.log"
     echo_runner, echo_port = await start_echo()
     config = Config(
         listen=HostPort("127.0.0.1", _port(port)),
@@ -66,6 +68,7 @@ async def _demo(port: int, admin_port: int) -> int:
             )
         ),
         observability=ObservabilityConfig(log_format="text", access_log=True),
+        audit_sink=f"file:{audit_file}",
     )
     sidecar = Sidecar(config)
     await sidecar.start()
@@ -79,7 +82,8 @@ async def _demo(port: int, admin_port: int) -> int:
         "\nDotMac Sidecar demo is running.\n"
         f"  sidecar  {base}  ->  echo app 127.0.0.1:{echo_port}\n"
         f"  admin    http://127.0.0.1:{sidecar.admin_port}/metrics  /readyz\n"
-        f"  policy   {config.policy}\n\n"
+        f"  policy   {config.policy}\n"
+        f"  audit    {audit_file}\n\n"
         "Try (tokens are valid for 60 minutes):\n"
         f"  # allowed (200): alice has role support, which grants read:users\n"
         f"  curl -i -H 'Authorization: Bearer {support}' {base}/api/users\n"

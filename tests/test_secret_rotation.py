@@ -103,3 +103,85 @@ async def test_rotated_hmac_secret_accepted_in_both_versions_for_the_grace_perio
         assert await status(token(old_key, "old-late")) == 401
         assert await status(cached_old) == 401  # the cache never outlives the grace period
         assert await status(token(new_key, "new-2")) == 200
+
+
+def test_env_provider_reads_json_or_plain_values() -> None:
+    from sidecar.secrets.providers import EnvProvider, SecretError
+
+    env = {
+        "DOTMAC_SECRET_DATABASE_ORDERS": '{"username": "orders", "password": "pw"}',
+        "DOTMAC_SECRET_API_TOKEN": "plain",
+    }
+    provider = EnvProvider(env)
+    assert provider.variable("database/orders") == "DOTMAC_SECRET_DATABASE_ORDERS"
+    assert provider.read("database/orders").data == {"username": "orders", "password": "pw"}
+    assert provider.read("api/token").data == {"value": "plain"}
+    try:
+        provider.read("missing/one")
+    except SecretError as exc:
+        assert "DOTMAC_SECRET_MISSING_ONE" in str(exc)
+    else:
+        raise AssertionError("a missing variable must be an error")
+
+
+async def test_file_change_notifies_the_app_by_post_and_by_signal(
+    tmp_path: Path, make_sidecar: SidecarFactory, upstream: Upstream
+) -> None:
+    import os
+    import signal as signals
+
+    secrets_file = tmp_path / "secrets.yaml"
+    secrets_file.write_text("app/config: {token: one}\n")
+    marker = tmp_path / "hup-received"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import signal, sys, time, pathlib\n"
+                f"p = pathlib.Path({str(marker)!r})\n"
+                "signal.signal(signal.SIGHUP, lambda *a: p.write_text('hup'))\n"
+                "time.sleep(30)\n"
+            ),
+        ]
+    )
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text(str(child.pid))
+    extra = f"""secrets:
+  provider: file
+  file: {secrets_file}
+  refresh_interval: 200ms
+  files:
+    - path: {tmp_path}/out/a.conf
+      secret: app/config
+      template: "token=${{token}}\\n"
+      mode: "0440"
+      on_change: {{post: "{upstream.url}/reload"}}
+    - path: {tmp_path}/out/b.conf
+      secret: app/config
+      template: "${{token}}"
+      on_change: {{signal: HUP, pid_file: {pid_file}}}
+"""
+    try:
+        running: Running = await make_sidecar(upstream.url, extra=extra)
+        async with aiohttp.ClientSession() as client:
+            deadline = time.monotonic() + 5
+            while (await client.get(f"{running.admin}/readyz")).status != 200:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        out = tmp_path / "out"
+        assert (out / "a.conf").read_text() == "token=one\n"
+        assert oct((out / "a.conf").stat().st_mode & 0o777) == "0o440"
+        assert [s for s in upstream.seen if s["path"] == "/reload"] == []  # no nudge at start
+        secrets_file.write_text("app/config: {token: two}\n")
+        deadline = time.monotonic() + 5
+        while not marker.exists() or not any(s["path"] == "/reload" for s in upstream.seen):
+            assert time.monotonic() < deadline, "the app was not told about the change"
+            await asyncio.sleep(0.05)
+        assert (out / "b.conf").read_text() == "two"
+        posts = [s for s in upstream.seen if s["path"] == "/reload"]
+        assert len(posts) == 1 and posts[0]["method"] == "POST"
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signals.SIGTERM)
+        child.wait(10)
