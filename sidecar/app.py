@@ -24,6 +24,7 @@ from sidecar.errors import PolicyError, SidecarError
 from sidecar.observability import logging as logs
 from sidecar.observability.health import build_admin_app
 from sidecar.observability.metrics import Metrics
+from sidecar.observability.tracing import Tracing
 from sidecar.policy.load import load_policy
 from sidecar.policy.model import Policy
 from sidecar.policy.testing import load_cases, run_cases, test_files
@@ -127,6 +128,15 @@ class Sidecar:
         )
         self._jwks_session: aiohttp.ClientSession | None = None
         self._notify_session: aiohttp.ClientSession | None = None
+        obs = config.observability
+        self.tracing = Tracing(
+            service_name=obs.service_name,
+            otlp_endpoint=obs.otlp_endpoint,
+            sample_ratio=obs.trace_sample_ratio,
+            on_spans=self.metrics.count_spans,
+        )
+        for reason in ("queue_full", "export_failed"):
+            self.metrics.spans_dropped.labels(reason)  # present at 0 from the start
         self.handler = ProxyHandler(
             policy=policy,
             authenticator=authenticator,
@@ -136,6 +146,7 @@ class Sidecar:
             proxy=config.proxy,
             secret_headers=secret_headers,
             audit=self.audit,
+            tracing=self.tracing,
         )
         self.watcher = PolicyWatcher(
             self.policy_path,
@@ -328,6 +339,8 @@ class Sidecar:
                 await session.close()
         self._jwks_session = self._notify_session = None
         self.audit.close()
+        if self.tracing.enabled:
+            await asyncio.to_thread(self.tracing.shutdown)  # bounded; spans still queued go
         if isinstance(self.key_store, RedisKeyStore):
             await self.key_store.close()
         if self._admin_runner is not None:
@@ -392,6 +405,7 @@ def run(config: Config) -> int:
         config.observability.log_level,
         config.observability.log_format,
         access_log=config.observability.access_log,
+        access_log_sample_ratio=config.observability.access_log_sample_ratio,
     )
     return uvloop.run(serve(config))
 

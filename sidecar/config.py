@@ -179,8 +179,9 @@ class ObservabilityConfig:
     log_level: str = "INFO"
     log_format: str = "json"
     access_log: bool = True
-    otlp_endpoint: str = ""
+    otlp_endpoint: str = ""  # OTLP/HTTP base URL; "" exports nothing
     trace_sample_ratio: float = 1.0
+    access_log_sample_ratio: float = 1.0  # allowed, non-5xx requests only
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +696,7 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[Any, Origin]]:
         "DOTMAC_UPSTREAM": "upstream",
         "DOTMAC_POLICY": "policy",
         "DOTMAC_LOG_LEVEL": "observability.log_level",
+        "DOTMAC_OTLP_ENDPOINT": "observability.otlp_endpoint",
         "DOTMAC_REDIS_URL": "auth.redis_url",
     }
     for var, key in simple.items():
@@ -832,14 +834,15 @@ def load(
         ),
         log_format=o.get("log_format", _choice("json", "text"), do.log_format),
         access_log=o.get("access_log", _bool, do.access_log),
-        otlp_endpoint=o.get("otlp_endpoint", _str, do.otlp_endpoint),
+        otlp_endpoint=o.get(
+            "otlp_endpoint", lambda v: _url(v) if str(v) else "", do.otlp_endpoint
+        ),
         trace_sample_ratio=o.get("trace_sample_ratio", _ratio, do.trace_sample_ratio),
+        access_log_sample_ratio=o.get(
+            "access_log_sample_ratio", _ratio, do.access_log_sample_ratio
+        ),
     )
     o.finish()
-    if obs.otlp_endpoint:
-        raise ConfigError(
-            "observability.otlp_endpoint: trace export is not available in this version yet"
-        )
     r.finish()
     return Config(
         listen=listen,

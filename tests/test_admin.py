@@ -99,6 +99,7 @@ async def test_access_log_lines(proxy: Running, keys: Keys) -> None:
         "msg",
         "request_id",
         "trace_id",
+        "span_id",
         "method",
         "path",
         "rule",

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import random
 import sys
 import time
 from typing import Any
 
 ACCESS = logging.getLogger("sidecar.access")
 LOG = logging.getLogger("sidecar")
+
+# (request_id, trace_id, span_id) of the request being handled by this task, if any
+REQUEST: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar(
+    "dotmac_request", default=None
+)
+_access_sample = 1.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,6 +30,12 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "msg": record.getMessage(),
         }
+        # every line names its request: null outside one (start-up, background loops)
+        current = REQUEST.get()
+        if current is None:
+            out["request_id"] = None
+        else:
+            out["request_id"], out["trace_id"], out["span_id"] = current
         fields = getattr(record, "fields", None)
         if fields:
             out.update(fields)
@@ -39,8 +53,20 @@ class TextFormatter(logging.Formatter):
         return f"{record.levelname:<7} {record.getMessage()} {tail}".rstrip()
 
 
-def configure(level: str = "INFO", fmt: str = "json", *, access_log: bool = True) -> None:
-    """Send the sidecar's logs to stdout in the chosen format."""
+def configure(
+    level: str = "INFO",
+    fmt: str = "json",
+    *,
+    access_log: bool = True,
+    access_log_sample_ratio: float = 1.0,
+) -> None:
+    """Send the sidecar's logs to stdout in the chosen format.
+
+    `access_log_sample_ratio` < 1 keeps only that share of the access-log lines of allowed
+    requests answered below 500; denials, refusals and errors are always logged.
+    """
+    global _access_sample
+    _access_sample = access_log_sample_ratio
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -55,10 +81,16 @@ def configure(level: str = "INFO", fmt: str = "json", *, access_log: bool = True
     ACCESS.setLevel(logging.INFO)
 
 
-def access(fields: dict[str, Any]) -> None:
-    """Write one access-log line (contract section 9 keys)."""
-    if ACCESS.isEnabledFor(logging.INFO):
-        ACCESS.info("access", extra={"fields": fields})
+def access(fields: dict[str, Any], *, sampled: bool = False) -> None:
+    """Write one access-log line (contract section 9 keys).
+
+    `sampled`: the line is of an allowed, successful request, subject to the sample ratio.
+    """
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return
+    if sampled and _access_sample < 1.0 and random.random() >= _access_sample:
+        return
+    ACCESS.info("access", extra={"fields": fields})
 
 
 def event(level: int, msg: str, **fields: Any) -> None:

@@ -124,6 +124,17 @@ class Metrics:
             ["secret"],
             registry=r,
         )
+        self.spans_exported = Counter(
+            "dotmac_sidecar_spans_exported",
+            "Trace spans the OTLP collector accepted.",
+            registry=r,
+        )
+        self.spans_dropped = Counter(
+            "dotmac_sidecar_spans_dropped",
+            "Trace spans lost: the export queue was full, or the collector did not take them.",
+            ["reason"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "dotmac_sidecar_in_flight_requests", "Requests being handled now.", registry=r
         )
@@ -131,6 +142,13 @@ class Metrics:
             "dotmac_sidecar_build_info", "Version of the running sidecar.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
+
+    def count_spans(self, result: str, count: int) -> None:
+        """Spans that left (`exported`) or were lost (`queue_full`, `export_failed`)."""
+        if result == "exported":
+            self.spans_exported.inc(count)
+        else:
+            self.spans_dropped.labels(result).inc(count)
 
     def observe(
         self, rule: str, method: str, status: int, seconds: float, upstream_seconds: float | None

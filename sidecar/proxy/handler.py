@@ -20,7 +20,7 @@ from sidecar.config import ProxyConfig
 from sidecar.errors import BadRequest, MethodNotAllowed, Rejected, Unauthenticated
 from sidecar.observability import logging as logs
 from sidecar.observability.metrics import Metrics
-from sidecar.observability.tracing import TraceContext
+from sidecar.observability.tracing import Outcome, RequestTrace, Tracing
 from sidecar.policy.decide import match, verdict
 from sidecar.policy.model import Policy, Rule
 from sidecar.proxy.forward import Forwarder
@@ -33,28 +33,16 @@ from sidecar.secrets.inject import SecretHeaders
 _NEVER_PROXIED = frozenset({"TRACE", "TRACK", "CONNECT"})
 
 
-class Exchange:
-    """What one request has gathered on its way through; read by the access log."""
+class Exchange(Outcome):
+    """What one request has gathered on its way through; read by the access log and the
+    server span."""
 
-    __slots__ = (
-        "auth_method",
-        "decision",
-        "path",
-        "reason",
-        "request_id",
-        "rule",
-        "trace",
-        "upstream_s",
-    )
+    __slots__ = ("request_id", "trace", "upstream_s")
 
-    def __init__(self, rid: str, trace: TraceContext) -> None:
+    def __init__(self, rid: str, trace: RequestTrace) -> None:
+        Outcome.__init__(self)
         self.request_id = rid
         self.trace = trace
-        self.rule = "-"
-        self.decision = ""
-        self.reason = ""
-        self.auth_method = ""
-        self.path = ""
         self.upstream_s: list[float] = [-1.0]
 
 
@@ -84,8 +72,10 @@ class ProxyHandler:
         proxy: ProxyConfig,
         secret_headers: SecretHeaders | None = None,
         audit: AuditLog | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.policy = policy
+        self.tracing = tracing or Tracing(service_name="", otlp_endpoint="", sample_ratio=1.0)
         self.secret_headers = secret_headers
         self.audit = audit
         self.authenticator = authenticator
@@ -96,10 +86,10 @@ class ProxyHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        ex = Exchange(
-            request_id(request.headers.get("X-Request-ID")),
-            TraceContext.from_header(request.headers.get("traceparent")),
-        )
+        h = request.headers
+        trace = self.tracing.start(request.method, h.get("traceparent"), h.get("tracestate"))
+        ex = Exchange(request_id(h.get("X-Request-ID")), trace)
+        token = logs.REQUEST.set((ex.request_id, trace.trace_id, trace.span_id))
         self.metrics.in_flight.inc()
         status = 500
         try:
@@ -109,11 +99,13 @@ class ProxyHandler:
             response = self._refuse(rejection, ex)
             status = rejection.status
         except Exception:
-            logs.LOG.exception("request failed", extra={"fields": {"request_id": ex.request_id}})
+            logs.LOG.exception("request failed")
             response = self._refuse(Rejected(500, "internal_error", "internal error"), ex)
         finally:
             self.metrics.in_flight.dec()
+        ex.status = status
         self._finish(request, ex, status, time.perf_counter() - started)
+        logs.REQUEST.reset(token)
         return response
 
     def _refuse(self, rejection: Rejected, ex: Exchange) -> web.Response:
@@ -144,10 +136,12 @@ class ProxyHandler:
                 )
         elif ex.rule == "-" and ex.reason:
             self.metrics.rejected.labels(ex.reason).inc()
+        ex.trace.finish(ex)
         logs.access(
             {
                 "request_id": ex.request_id,
                 "trace_id": ex.trace.trace_id,
+                "span_id": ex.trace.span_id,
                 "method": request.method,
                 "path": ex.path,
                 "rule": ex.rule,
@@ -157,7 +151,8 @@ class ProxyHandler:
                 "auth_method": ex.auth_method,
                 "upstream_ms": round(upstream * 1000, 3) if upstream >= 0 else None,
                 "duration_ms": round(seconds * 1000, 3),
-            }
+            },
+            sampled=status < 500 and ex.decision in ("allow", "shadow_allow"),
         )
 
     async def _handle(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
@@ -185,6 +180,8 @@ class ProxyHandler:
             raise Rejected(403, "no_matching_rule", "no rule allows this request")
         rule, params = found
         ex.rule = rule.name
+        if len(rule.paths) == 1:
+            ex.route = rule.paths[0]
 
         # 3. authenticate and authorize
         identity = await self._decide(request, rule, params, policy, ex)
@@ -202,12 +199,22 @@ class ProxyHandler:
             websocket=_is_websocket(request),
         )
 
-        # 5. forward
-        if _is_websocket(request):
-            return await self.forwarder.forward_websocket(request, path, query, outgoing)
-        return await self.forwarder.forward(
-            request, path, query, outgoing, ex.upstream_s, ex.request_id
-        )
+        # 5. forward, inside the upstream span
+        trace = ex.trace
+        for name, value in trace.upstream_headers(method, str(self.forwarder.url(path, ""))):
+            outgoing[name] = value
+        try:
+            if _is_websocket(request):
+                response = await self.forwarder.forward_websocket(request, path, query, outgoing)
+            else:
+                response = await self.forwarder.forward(
+                    request, path, query, outgoing, ex.upstream_s, ex.request_id
+                )
+        except Rejected as exc:
+            trace.end_upstream(None, exc.reason)
+            raise
+        trace.end_upstream(response.status)
+        return response
 
     async def _decide(
         self,
@@ -277,7 +284,6 @@ class ProxyHandler:
             out.append((h.method, identity.method))
         out.append((h.rule, rule.name))
         out.append(("X-Request-ID", ex.request_id))
-        out.append(("traceparent", ex.trace.traceparent()))
         peer = request.remote
         if peer:
             out.append(("X-Forwarded-For", peer))

@@ -41,6 +41,7 @@ _CLIENT_STRIP = frozenset(
         "x-method-override",
         "expect",
         "traceparent",
+        "tracestate",
         "x-request-id",
     }
 )
