@@ -164,6 +164,7 @@ class Sidecar:
         self.draining = False
         self.listen_port = 0
         self.admin_port = 0
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready() else 0.0)
 
     def _secret_loaded(self, secret: Secret) -> None:
         self.audit.secret_loaded(path=secret.path, version=secret.version, purpose="refresh")
@@ -221,12 +222,26 @@ class Sidecar:
 
     async def readiness(self) -> tuple[dict[str, str], frozenset[str]]:
         """/readyz checks: the sidecar's own state gates; the upstream is only reported."""
+        checks, gating = self.own_state()
+        checks["upstream"] = await self._probe_upstream()
+        if isinstance(self.key_store, RedisKeyStore):
+            checks["api_keys"] = await self.key_store.ping()
+        elif self.key_store is not None:
+            checks["api_keys"] = self.key_store.status()
+        return checks, gating
+
+    def ready(self) -> bool:
+        """Whether every gating check of /readyz holds (read by the ready gauge)."""
+        checks, gating = self.own_state()
+        return all(checks.get(name) == "ok" for name in gating)
+
+    def own_state(self) -> tuple[dict[str, str], frozenset[str]]:
+        """The checks on the sidecar's own state, and which of them gate readiness."""
         policy = self.handler.policy
         checks = {
             "policy": "ok" if policy is not None else "not loaded",
             "policy_reload": self.watcher.last_error or "ok",
             "draining": "no" if not self.draining else "yes",
-            "upstream": await self._probe_upstream(),
         }
         gating = {"policy"}
         for issuer, keyset in self.keysets.items():
@@ -244,10 +259,6 @@ class Sidecar:
                     else (f"not written yet: {renderer.last_error or 'waiting for its secret'}")
                 )
                 gating.add(name)
-        if isinstance(self.key_store, RedisKeyStore):
-            checks["api_keys"] = await self.key_store.ping()
-        elif self.key_store is not None:
-            checks["api_keys"] = self.key_store.status()
         if self.draining:
             checks["policy"] = "draining"
         return checks, frozenset(gating)

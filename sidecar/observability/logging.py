@@ -18,6 +18,23 @@ REQUEST: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.Conte
     "dotmac_request", default=None
 )
 _access_sample = 1.0
+# library use (init_observability): take trace/span ids from the current OTel span
+_otel_context = False
+
+
+def use_otel_context() -> None:
+    """Outside the sidecar's own requests, log the ids of the current OTel span."""
+    global _otel_context
+    _otel_context = True
+
+
+def _otel_ids() -> tuple[str, str] | None:
+    from opentelemetry import trace as trace_api
+
+    ctx = trace_api.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,6 +51,9 @@ class JsonFormatter(logging.Formatter):
         current = REQUEST.get()
         if current is None:
             out["request_id"] = None
+            ids = _otel_ids() if _otel_context else None
+            if ids is not None:
+                out["trace_id"], out["span_id"] = ids
         else:
             out["request_id"], out["trace_id"], out["span_id"] = current
         fields = getattr(record, "fields", None)

@@ -138,6 +138,11 @@ class Metrics:
         self.in_flight = Gauge(
             "dotmac_sidecar_in_flight_requests", "Requests being handled now.", registry=r
         )
+        self.ready = Gauge(
+            "dotmac_sidecar_ready",
+            "1 while /readyz would answer 200 (policy, keys and secrets loaded), else 0.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "dotmac_sidecar_build_info", "Version of the running sidecar.", ["version"], registry=r
         )
