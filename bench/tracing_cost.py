@@ -1,0 +1,197 @@
+"""Benchmark: the sidecar's CPU time per request with tracing off and at ratio 1.0.
+
+    python bench/tracing_cost.py [--requests 4000] [--runs 3]
+
+Starts, on loopback, a tiny upstream (a separate process answering a fixed 1 KB body), an
+OTLP/HTTP sink (a separate process that accepts and discards span batches), and for each
+setting a `dotmac-sidecar run` process with an HS256 JWT rule, metrics and access log on
+(to /dev/null). A client in this process sends the same token-bearing GETs over 16
+keep-alive connections. The sidecar's CPU time (user + system, from /proc) is read before
+and after, so the client's and the upstream's work is not counted. Medians of `--runs`.
+A benchmark, not a test: it asserts nothing; loopback only; everything it starts it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import jwt
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sidecar.app import free_port  # noqa: E402
+
+SECRET = "bench-hmac-secret-0123456789abcdef0123"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+UPSTREAM = """
+import sys
+from aiohttp import web
+BODY = b"x" * 1024
+async def handle(request):
+    return web.Response(body=BODY, content_type="text/plain")
+app = web.Application()
+app.router.add_route("*", "/{tail:.*}", handle)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+SINK = """
+import sys
+from aiohttp import web
+async def traces(request):
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+app = web.Application()
+app.router.add_post("/v1/traces", traces)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+POLICY = """
+roles:
+  reader: {permissions: ["read:items"]}
+rules:
+  - {name: health, paths: ["/healthz"], methods: [GET], public: true}
+  - name: items
+    paths: ["/api/items/{id}"]
+    methods: [GET]
+    require: {permissions: ["read:items"]}
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer in {timeout}s")
+
+
+async def load(url: str, token: str, requests: int, connections: int = 16) -> float:
+    """Send `requests` GETs over `connections` keep-alive connections; seconds taken."""
+    headers = {"Authorization": f"Bearer {token}"}
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as client:
+        remaining = requests
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                async with client.get(url, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise SystemExit(f"unexpected {r.status}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        return time.perf_counter() - started
+
+
+def measure(folder: Path, upstream: int, otlp: str, requests: int) -> float:
+    """CPU microseconds the sidecar spent per request at one setting."""
+    port, admin = free_port(), free_port()
+    cfg = folder / "sidecar.yaml"
+    cfg.write_text(
+        f"""
+listen: "127.0.0.1:{port}"
+admin_listen: "127.0.0.1:{admin}"
+upstream: "http://127.0.0.1:{upstream}"
+policy: "{folder / "policy.yaml"}"
+auth:
+  jwt:
+    - {{issuer: bench, algorithms: [HS256], secret_env: BENCH_SECRET}}
+observability:
+  access_log: true
+  otlp_endpoint: "{otlp}"
+  trace_sample_ratio: 1.0
+"""
+    )
+    env = dict(os.environ, BENCH_SECRET=SECRET)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/readyz")
+        now = int(time.time())
+        token = jwt.encode(
+            {"iss": "bench", "sub": "u1", "permissions": ["read:items"], "exp": now + 3600},
+            SECRET,
+            algorithm="HS256",
+        )
+        url = f"http://127.0.0.1:{port}/api/items/42"
+        asyncio.run(load(url, token, 500))  # warm-up: caches, pools, the span exporter
+        before = cpu_seconds(proc.pid)
+        asyncio.run(load(url, token, requests))
+        used = cpu_seconds(proc.pid) - before
+        return used / requests * 1e6
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    upstream_port, sink_port = free_port(), free_port()
+    helpers = [
+        subprocess.Popen([sys.executable, "-c", UPSTREAM, str(upstream_port)]),
+        subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)]),
+    ]
+    try:
+        wait_http(f"http://127.0.0.1:{upstream_port}/")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "policy.yaml").write_text(POLICY)
+            results: dict[str, list[float]] = {"off": [], "1.0": []}
+            for _ in range(args.runs):
+                results["off"].append(measure(folder, upstream_port, "", args.requests))
+                results["1.0"].append(
+                    measure(folder, upstream_port, f"http://127.0.0.1:{sink_port}", args.requests)
+                )
+    finally:
+        for helper in helpers:
+            helper.terminate()
+            helper.wait(10)
+    off = statistics.median(results["off"])
+    on = statistics.median(results["1.0"])
+    print(f"sidecar CPU per request, median of {args.runs} runs of {args.requests} requests")
+    print("| tracing | CPU us/request | runs |")
+    print("| --- | ---: | --- |")
+    runs = {k: ", ".join(f"{v:.0f}" for v in vs) for k, vs in results.items()}
+    print(f"| off | {off:.0f} | {runs['off']} |")
+    print(f"| ratio 1.0, OTLP export | {on:.0f} | {runs['1.0']} |")
+    print(f"tracing adds {on - off:.0f} us of CPU per request ({(on / off - 1) * 100:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
