@@ -28,6 +28,30 @@ def _run(args: argparse.Namespace) -> int:
     return run(cfg)
 
 
+def _inject_webhook(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from sidecar.config import parse_host_port
+    from sidecar.k8s.webhook import build_app, load_defaults, tls_context
+
+    defaults, by_default = load_defaults(Path(args.config) if args.config else None)
+    context = tls_context(Path(args.tls_cert), Path(args.tls_key))
+    try:
+        listen = parse_host_port(args.listen)
+    except ValueError as exc:
+        raise SidecarError(f"--listen: {exc}") from None
+    web.run_app(
+        build_app(defaults, inject_by_default=by_default),
+        host=listen.host,
+        port=listen.port,
+        ssl_context=context,
+        print=None,
+        access_log=None,
+        shutdown_timeout=10,
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
@@ -287,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin port (default 9090, or a free one)",
     )
     demo.set_defaults(func=_demo)
+
+    hook = sub.add_parser(
+        "inject-webhook", help="run the Kubernetes admission webhook that injects the sidecar"
+    )
+    hook.add_argument("--tls-cert", dest="tls_cert", required=True, help="PEM certificate")
+    hook.add_argument("--tls-key", dest="tls_key", required=True, help="PEM private key")
+    hook.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT (default 0.0.0.0:8443)")
+    hook.add_argument(
+        "--config", help="injector config: the sidecar defaults the Helm chart renders"
+    )
+    hook.set_defaults(func=_inject_webhook)
 
     policy = sub.add_parser("policy", help="check, test and explain policy files")
     psub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")

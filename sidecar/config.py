@@ -456,7 +456,8 @@ def _secrets(r: _Reader, base: Path, env: Mapping[str, str]) -> SecretsConfig:
             _choice("kubernetes", "approle", "token"),
             "token" if env.get("DOTMAC_VAULT_TOKEN") else "kubernetes",
         )
-        role = a.get("role", _str, None)
+        # DOTMAC_VAULT_ROLE: set by the injector from the pod's vault-role annotation
+        role = a.get("role", _str, env.get("DOTMAC_VAULT_ROLE") or None)
         role_id = a.get("role_id", _str, None)
         secret_id_env = a.get("secret_id_env", _str, "DOTMAC_VAULT_SECRET_ID")
         token_env = a.get("token_env", _str, "DOTMAC_VAULT_TOKEN")

@@ -1,0 +1,1 @@
+"""Kubernetes: sidecar injection (JSON patch) and the mutating admission webhook."""
