@@ -320,7 +320,8 @@ def redis_client(url: str) -> tuple[Any, list[Any]]:
         for item in hosts_part.split(","):
             host, _, port = item.rpartition(":")
             hosts.append((host or item, int(port) if port.isdigit() else 26379))
-        sentinel = Sentinel(hosts, socket_timeout=1.0)  # type: ignore[no-untyped-call]
+        make_sentinel: Any = Sentinel  # typed in some redis releases, untyped in others
+        sentinel = make_sentinel(hosts, socket_timeout=1.0)
         master_client = sentinel.master_for(master, db=int(db or 0), socket_timeout=1.0)
         return master_client, list(sentinel.sentinels)
     if url.startswith("redis+cluster://"):

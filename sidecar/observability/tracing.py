@@ -259,7 +259,8 @@ class CountingProcessor(SpanProcessor):
         if batch is not None:
             batch.shutdown(timeout_millis=timeout_millis)
         else:
-            self.inner.shutdown()  # type: ignore[no-untyped-call]
+            inner: Any = self.inner  # typed in some SDK releases, untyped in others
+            inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.inner.force_flush(timeout_millis)

@@ -201,11 +201,16 @@ class VaultProvider:
 
     # -- transit --------------------------------------------------------------------------
 
+    @property
+    def _transit_api(self) -> Any:
+        # hvac's transit methods are typed in some releases of its stubs and not in others
+        return self.client.secrets.transit
+
     def _ensure_transit_key(self, key: str) -> None:
         try:
-            self.client.secrets.transit.read_key(name=key, mount_point=self.transit_mount)  # type: ignore[no-untyped-call]
+            self._transit_api.read_key(name=key, mount_point=self.transit_mount)
         except hvac.exceptions.InvalidPath:
-            self.client.secrets.transit.create_key(name=key, mount_point=self.transit_mount)  # type: ignore[no-untyped-call]
+            self._transit_api.create_key(name=key, mount_point=self.transit_mount)
 
     def encrypt(self, key: str, plaintext: bytes) -> str:
         """Transit ciphertext (`vault:v<N>:...`) of `plaintext` under key `key`."""
@@ -245,7 +250,7 @@ class VaultProvider:
 
         def run() -> None:
             self._ensure_transit_key(key)
-            self.client.secrets.transit.rotate_key(name=key, mount_point=self.transit_mount)  # type: ignore[no-untyped-call]
+            self._transit_api.rotate_key(name=key, mount_point=self.transit_mount)
 
         self._transit(run, "rotate")
 
@@ -253,7 +258,7 @@ class VaultProvider:
         """The same plaintext under the key's newest version, without revealing it."""
 
         def run() -> str:
-            result = self.client.secrets.transit.rewrap_data(  # type: ignore[no-untyped-call]
+            result = self._transit_api.rewrap_data(
                 name=key, ciphertext=ciphertext, mount_point=self.transit_mount
             )
             return str(result["data"]["ciphertext"])
