@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +22,7 @@ from sidecar.auth.apikeys import FileKeyStore, RedisKeyStore
 from sidecar.auth.authenticate import Authenticator
 from sidecar.auth.jwks import KeySet
 from sidecar.auth.jwt import TokenVerifier
-from sidecar.config import Config
+from sidecar.config import Config, HostPort
 from sidecar.errors import PolicyError, SidecarError
 from sidecar.observability import logging as logs
 from sidecar.observability.health import build_admin_app
@@ -39,7 +42,7 @@ from sidecar.secrets.inject import SecretHeaders
 from sidecar.secrets.providers import EnvProvider, FileProvider, Provider, Secret
 from sidecar.secrets.render import FileRenderer
 from sidecar.secrets.rotation import SecretStore
-from sidecar.secrets.vault import VaultProvider
+from sidecar.workers import Supervisor, report_admin_port, worker_slot
 
 
 def require_c_parser() -> None:
@@ -294,7 +297,12 @@ class Sidecar:
         )
         await self._proxy_runner.setup()
         site = web.TCPSite(
-            self._proxy_runner, cfg.listen.host, cfg.listen.port, backlog=1024, reuse_address=True
+            self._proxy_runner,
+            cfg.listen.host,
+            cfg.listen.port,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=cfg.workers > 1,
         )
         await site.start()
         self.listen_port = _bound_port(self._proxy_runner)
@@ -365,6 +373,8 @@ def make_provider(config: Config) -> Provider:
     if sc.provider == "env":
         return EnvProvider()
     if sc.provider == "vault":
+        from sidecar.secrets.vault import VaultProvider  # hvac loads only when it is used
+
         v = sc.vault
         assert v is not None
         return VaultProvider(
@@ -391,6 +401,9 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 async def serve(config: Config) -> int:
     """Run a sidecar until SIGTERM or SIGINT; then drain and return 0."""
+    slot = worker_slot()
+    if slot is not None:  # one of `workers: N`: own admin port, reported to the supervisor
+        config = dataclasses.replace(config, admin_listen=HostPort("127.0.0.1", 0))
     sidecar = Sidecar(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -401,23 +414,46 @@ async def serve(config: Config) -> int:
     except OSError as exc:
         await sidecar.stop()
         raise SidecarError(f"cannot listen: {exc.strerror or exc}") from None
+    orphan_watch: asyncio.Task[None] | None = None
+    if slot is not None:
+        report_admin_port(slot[1], slot[0], sidecar.admin_port)
+        orphan_watch = asyncio.create_task(_stop_when_orphaned(stop))
     await stop.wait()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
     logs.event(20, "draining", timeout_s=config.proxy.drain_timeout)
     await sidecar.stop()
     logs.event(20, "stopped")
     return 0
 
 
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (even by SIGKILL) drains and exits on its own."""
+    parent = os.getppid()
+    while os.getppid() == parent:  # noqa: ASYNC110 (no event tells of a parent death)
+        await asyncio.sleep(1.0)
+    logs.event(30, "supervisor_gone", parent=parent)
+    stop.set()
+
+
 def run(config: Config) -> int:
-    """Configure logging and run the sidecar on uvloop."""
+    """Configure logging and run the sidecar (or, with `workers: N`, its workers) on uvloop."""
     import uvloop
 
+    worker = worker_slot() is not None
+    if worker:
+        # several processes share stdout: one write per line keeps lines whole
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     logs.configure(
         config.observability.log_level,
         config.observability.log_format,
         access_log=config.observability.access_log,
         access_log_sample_ratio=config.observability.access_log_sample_ratio,
     )
+    if config.workers > 1 and not worker:
+        require_c_parser()
+        load_policy(Path(config.policy))  # an invalid policy is fatal before any worker runs
+        return uvloop.run(Supervisor(config).serve())
     return uvloop.run(serve(config))
 
 

@@ -29,9 +29,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 # Keys of the contract that later versions implement; named precisely instead of "unknown".
-_NOT_YET = {
-    "workers": "multiple workers",
-}
+_NOT_YET: dict[str, str] = {}
 
 
 def parse_duration(value: Any) -> float:
@@ -250,6 +248,7 @@ class Config:
     observability: ObservabilityConfig = ObservabilityConfig()
     secrets: SecretsConfig = SecretsConfig()
     audit_sink: str = "stdout"  # stdout | file:PATH
+    workers: int = 1  # processes sharing the listen port (SO_REUSEPORT)
     source: Path | None = None
 
 
@@ -751,6 +750,11 @@ def load(
         "policy_reload_interval", parse_duration_or_zero, d.policy_reload_interval
     )
     policy_tests = r.get("policy_tests", _choice("enforce", "warn", "off"), d.policy_tests)
+    workers = r.get("workers", _int(1), d.workers)
+    if workers > 64:
+        raise r.fail("workers", f"at most 64 workers, got {workers}")
+    if workers > 1 and listen.port == 0:
+        raise r.fail("workers", "workers > 1 need a fixed listen port (not :0)")
 
     p = r.section("proxy")
     dp = ProxyConfig()
@@ -857,5 +861,6 @@ def load(
         observability=obs,
         secrets=secrets_cfg,
         audit_sink=audit_sink,
+        workers=workers,
         source=file,
     )

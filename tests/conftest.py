@@ -297,10 +297,17 @@ def wait_ready(
 def sidecar_process(tmp_path: Path, keys: Keys) -> Iterator[Callable[..., Process]]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(upstream_url: str, extra: str = "", auth_override: str = "") -> Process:
+    def start(
+        upstream_url: str, extra: str = "", auth_override: str = "", policy: Path | None = None
+    ) -> Process:
         port, admin_port = free_port(), free_port()
         cfg = write_config(
-            tmp_path, keys, upstream_url, HERE / "policies/proxy.yaml", extra, auth_override
+            tmp_path,
+            keys,
+            upstream_url,
+            policy or HERE / "policies/proxy.yaml",
+            extra,
+            auth_override,
         )
         log = tmp_path / f"sidecar-{len(procs)}.log"
         env = dict(os.environ, TEST_HS_SECRET=HS_SECRET)

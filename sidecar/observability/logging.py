@@ -37,13 +37,29 @@ def _otel_ids() -> tuple[str, str] | None:
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
 
 
+_ts_second = -1
+_ts_prefix = ""
+# set by configure() for JSON logs: the access log skips the logging machinery (a
+# LogRecord, a formatter call) and writes its line to the same stream, under its lock
+_fast: logging.StreamHandler[Any] | None = None
+
+
+def timestamp(now: float) -> str:
+    """`2026-12-04T03:25:38.420Z` for a time.time() value (the second part is cached)."""
+    global _ts_second, _ts_prefix
+    second = int(now)
+    if second != _ts_second:
+        _ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _ts_second = second
+    return f"{_ts_prefix}.{int((now - second) * 1000):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "msg", ...fields}` on one line; fields come from `extra={"fields": ...}`."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": timestamp(record.created),
             "level": record.levelname,
             "msg": record.getMessage(),
         }
@@ -85,9 +101,10 @@ def configure(
     `access_log_sample_ratio` < 1 keeps only that share of the access-log lines of allowed
     requests answered below 500; denials, refusals and errors are always logged.
     """
-    global _access_sample
+    global _access_sample, _fast
     _access_sample = access_log_sample_ratio
     handler = logging.StreamHandler(sys.stdout)
+    _fast = handler if fmt == "json" else None
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -109,6 +126,16 @@ def access(fields: dict[str, Any], *, sampled: bool = False) -> None:
     if not ACCESS.isEnabledFor(logging.INFO):
         return
     if sampled and _access_sample < 1.0 and random.random() >= _access_sample:
+        return
+    fast = _fast
+    if fast is not None and not ACCESS.handlers and fast in logging.root.handlers:
+        line = {"ts": timestamp(time.time()), "level": "INFO", "msg": "access", **fields}
+        text = json.dumps(line, separators=(",", ":"), default=str) + "\n"
+        fast.acquire()
+        try:
+            fast.stream.write(text)
+        finally:
+            fast.release()
         return
     ACCESS.info("access", extra={"fields": fields})
 

@@ -7,6 +7,8 @@ status classes, decisions and snake_case reasons written in this code base.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -41,6 +43,10 @@ DURATION_BUCKETS = (
 )
 
 
+# label children kept per label set; methods are not bounded by the parser, hence a cap
+_CACHE_LIMIT = 4096
+
+
 def method_label(method: str) -> str:
     """A bounded label for an HTTP method."""
     return method if method in KNOWN_METHODS else "OTHER"
@@ -51,6 +57,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[str, str, int], list[Any]] = {}
+        self._decided: dict[tuple[str, str], Any] = {}
         r = self.registry
         ProcessCollector(registry=r)
         self.requests = Counter(
@@ -158,9 +166,31 @@ class Metrics:
     def observe(
         self, rule: str, method: str, status: int, seconds: float, upstream_seconds: float | None
     ) -> None:
-        """Count one finished request."""
-        m = method_label(method)
-        self.requests.labels(rule, m, f"{status // 100}xx").inc()
-        self.duration.labels(rule, m).observe(seconds)
+        """Count one finished request (label lookups are cached: label values are bounded)."""
+        key = (rule, method, status // 100)
+        children = self._children.get(key)
+        if children is None:
+            m = method_label(method)
+            children = [
+                self.requests.labels(rule, m, f"{status // 100}xx"),
+                self.duration.labels(rule, m),
+                None,
+            ]
+            if len(self._children) < _CACHE_LIMIT:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if upstream_seconds is not None:
-            self.upstream_duration.labels(rule).observe(upstream_seconds)
+            if children[2] is None:
+                children[2] = self.upstream_duration.labels(rule)
+            children[2].observe(upstream_seconds)
+
+    def decided(self, rule: str, decision: str) -> None:
+        """Count one policy decision."""
+        key = (rule, decision)
+        child = self._decided.get(key)
+        if child is None:
+            child = self.decisions.labels(rule, decision)
+            if len(self._decided) < _CACHE_LIMIT:
+                self._decided[key] = child
+        child.inc()

@@ -122,7 +122,7 @@ class ProxyHandler:
             ex.rule, request.method, status, seconds, upstream if upstream >= 0 else None
         )
         if ex.decision:
-            self.metrics.decisions.labels(ex.rule, ex.decision).inc()
+            self.metrics.decided(ex.rule, ex.decision)
             if self.audit is not None:
                 self.audit.decision(
                     decision=ex.decision,

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import IO, Any
 
+from sidecar.observability.logging import timestamp
+
 
 class AuditLog:
     """Writes audit events to the configured sink."""
@@ -27,10 +29,8 @@ class AuditLog:
             self._owned = False
 
     def _write(self, event: dict[str, Any]) -> None:
-        now = time.time()
         line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-            + f".{int(now * 1000) % 1000:03d}Z",
+            "ts": timestamp(time.time()),
             "level": "INFO",
             "msg": "audit",
             **event,

@@ -22,7 +22,6 @@ from sidecar.errors import Rejected
 from sidecar.observability import logging as logs
 from sidecar.secrets.providers import Provider, Secret, SecretError
 from sidecar.secrets.render import FileRenderer
-from sidecar.secrets.vault import VaultProvider
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,62}$")
 
@@ -85,9 +84,10 @@ class SecretStore:
 
     async def refresh(self) -> None:
         """One round: renew the Vault token if needed, read every secret, render files."""
-        if isinstance(self.provider, VaultProvider):
+        renew = getattr(self.provider, "renew", None)  # Vault: keep the token alive
+        if renew is not None:
             try:
-                await asyncio.to_thread(self.provider.renew)
+                await asyncio.to_thread(renew)
             except SecretError as exc:
                 logs.event(logging.WARNING, "vault_token_renewal_failed", error=str(exc))
         for path in self.paths:
