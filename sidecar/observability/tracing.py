@@ -12,8 +12,8 @@ request; spans it cannot take are counted as dropped.
 from __future__ import annotations
 
 import logging
+import random
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # the OTel SDK is imported only when export is on (sidecar.ob
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 LOG = logging.getLogger("sidecar.tracing")
+# ids need to be unique, not secret (the OTel SDK's own generator uses `random` too): no
+# getrandom() system call per request
+_random_bits = random.getrandbits
 
 # The batch queue: bounded, drained every second or whenever half a batch is waiting.
 QUEUE_SIZE = 2048
@@ -60,7 +63,7 @@ class RequestTrace:
     ) -> None:
         self.trace_id = trace_id
         self.parent_id = parent_id
-        self.span_id = secrets.token_hex(8)
+        self.span_id = f"{_random_bits(64) or 1:016x}"
         self.flags = flags
         self.tracestate = tracestate
 
@@ -72,7 +75,7 @@ class RequestTrace:
             if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
                 state = tracestate if tracestate and len(tracestate) <= 512 else None
                 return cls(m.group(1), m.group(2), m.group(3), state)
-        return cls(secrets.token_hex(16), None, "01", None)
+        return cls(f"{_random_bits(128) or 1:032x}", None, "01", None)
 
     def traceparent(self) -> str:
         """The `traceparent` naming the sidecar's span as the parent."""
