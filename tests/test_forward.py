@@ -205,3 +205,48 @@ async def test_drain_timeout_bounds_shutdown(
         with pytest.raises(aiohttp.ClientError):
             resp = await in_flight
             await resp.read()
+
+
+async def test_upstream_connections_are_kept_alive_and_reused(
+    make_sidecar: SidecarFactory, keys: Keys
+) -> None:
+    """Sequential requests reuse one pooled connection to the app; a HEAD answer, an
+    interim 100 and a close-delimited body are each handled without confusing the next."""
+    from aiohttp import web
+
+    peers: list[object] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        if request.path == "/app/close-delimited":
+            response = web.StreamResponse(headers={"Connection": "close"})
+            response.force_close()
+            await response.prepare(request)
+            await response.write(b"until-close")
+            return response
+        return web.Response(text=f"{request.method} {request.path}")
+
+    runner = web.ServerRunner(web.Server(handler), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    try:
+        running: Running = await make_sidecar(f"http://127.0.0.1:{port}")
+        auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}
+        async with aiohttp.ClientSession() as client:
+            for i in range(20):
+                method = "HEAD" if i == 5 else "GET"
+                async with client.request(method, f"{running.url}/app/{i}", headers=auth) as r:
+                    assert r.status == 200
+                    body = await r.read()
+                    assert body == (b"" if method == "HEAD" else f"GET /app/{i}".encode())
+            async with client.get(f"{running.url}/app/close-delimited", headers=auth) as r:
+                assert r.status == 200 and await r.read() == b"until-close"
+            async with client.get(f"{running.url}/app/after", headers=auth) as r:
+                assert r.status == 200 and await r.read() == b"GET /app/after"
+    finally:
+        await runner.cleanup()
+    # requests 0-4 on one connection; the HEAD closed it; 6-19 on the next one
+    assert len(set(peers[:5])) == 1 and len(set(peers[6:20])) == 1
+    assert len(set(peers)) <= 4

@@ -18,12 +18,32 @@ from yarl import URL
 from sidecar.config import ProxyConfig, Upstream
 from sidecar.errors import Rejected
 from sidecar.proxy.headers import HeaderRules
+from sidecar.proxy.upstream import (
+    Connection,
+    UpstreamError,
+    UpstreamPool,
+    request_head,
+    reset_error,
+    response_headers,
+)
 
 _CHUNK = 64 * 1024
 
 
-class UpstreamError(Rejected):
-    """The app could not be reached or did not answer in time."""
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def _send_body(conn: Connection, guard: _BodyGuard, chunked: bool) -> None:
+    """Stream the client's body to the app (chunked when the client gave no length)."""
+    async for chunk in guard.chunks():
+        if chunked:
+            conn.write((f"{len(chunk):x}\r\n".encode(), chunk, b"\r\n"))
+        else:
+            conn.write(chunk)
+        await conn.drain()
+    if chunked:
+        conn.write(b"0\r\n\r\n")
+        await conn.drain()
 
 
 class _BodyGuard:
@@ -68,9 +88,21 @@ class Forwarder:
         self._proxy = proxy
         self._headers = headers
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
+        default_port = 443 if upstream.scheme == "https" else 80
+        self._host_header = (
+            upstream.host if upstream.port == default_port else f"{upstream.host}:{upstream.port}"
+        )
 
     async def start(self) -> None:
-        """Open the shared session (call from the running loop)."""
+        """Open the connection pool and the WebSocket session (call from the running loop)."""
+        self._pool = UpstreamPool(
+            self._upstream.host,
+            self._upstream.port,
+            tls=self._upstream.scheme == "https",
+            limit=self._proxy.max_connections,
+            connect_timeout=self._proxy.connect_timeout,
+        )
         connector = aiohttp.TCPConnector(
             limit=self._proxy.max_connections,
             limit_per_host=0,
@@ -92,9 +124,18 @@ class Forwarder:
 
     async def close(self) -> None:
         """Close pooled connections."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def pool(self) -> UpstreamPool:
+        """The connection pool to the app (after start())."""
+        assert self._pool is not None, "Forwarder.start() was not called"
+        return self._pool
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -128,50 +169,110 @@ class Forwarder:
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
+        deadline = started + self._proxy.upstream_timeout
         guard: _BodyGuard | None = None
-        data = None
         if request.body_exists:
             length = request.content_length
             limit = self._proxy.max_body_bytes
             if limit and length is not None and length > limit:
                 raise Rejected(413, "body_too_large", "request body too large")
             guard = _BodyGuard(request.content, self._proxy.body_idle_timeout, limit)
-            data = guard.chunks()
+        method = request.method
+        target = f"{path}?{query}" if query else path
+        chunked = guard is not None and "Content-Length" not in headers
+        head = request_head(method, target, headers, self._host_header, chunked)
+        pool = self.pool
+        conn, reused = await pool.acquire()
+        sending: asyncio.Task[None] | None = None
         try:
-            upstream = await self.session.request(
-                request.method,
-                self.url(path, query),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                compress=None,
-            )
-        except Exception as exc:
+            conn.head_request = method == "HEAD"
+            conn.write(head)
+            if guard is None:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await conn.head
+                except UpstreamError:
+                    # an idle keep-alive connection the app closed as we reused it: the
+                    # request never reached the app, so it is sent again once, on a new one
+                    if not (reused and not conn.got_bytes and method in _RETRYABLE):
+                        raise
+                    old, conn = conn, None  # type: ignore[assignment]
+                    pool.release(old)
+                    conn, reused = await pool.acquire()
+                    conn.head_request = method == "HEAD"
+                    conn.write(head)
+                    async with asyncio.timeout_at(deadline):
+                        await conn.head
+            else:
+                sending = asyncio.create_task(_send_body(conn, guard, chunked))
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.wait((sending, conn.head), return_when=asyncio.FIRST_COMPLETED)
+                    if sending.done() and sending.exception() is not None:
+                        raise sending.exception()  # type: ignore[misc]
+                    await conn.head
+        except BaseException as exc:
+            if sending is not None:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+            if conn is not None:
+                conn._fail(reset_error())
+                pool.release(conn)
             if guard is not None and guard.error is not None:
                 raise guard.error from None
-            raise _upstream_error(exc) from None
+            if isinstance(exc, TimeoutError):
+                raise UpstreamError(
+                    504, "upstream_timeout", "upstream did not answer in time"
+                ) from None
+            if isinstance(exc, OSError):
+                raise reset_error() from None
+            raise
         try:
-            out = self._headers.downstream(upstream.headers)
-            if "X-Request-ID" not in out:
-                out["X-Request-ID"] = request_id
-            response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=out
-            )
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_chunked(_CHUNK):
-                    await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError, ConnectionError):
-                # Mid-body failure: the status is sent, so the only honest signal is to
-                # cut the connection instead of finishing a truncated body as if complete.
-                response.force_close()
-                if request.transport is not None:
-                    request.transport.close()
-                timing[0] = loop.time() - started
-                return response
-            await response.write_eof()
+            return await self._respond(request, conn, timing, started, deadline, request_id)
         finally:
-            upstream.release()
+            if sending is not None:
+                if not sending.done():
+                    sending.cancel()
+                    conn._close_after = True
+                await asyncio.gather(sending, return_exceptions=True)
+            pool.release(conn)
+
+    async def _respond(
+        self,
+        request: web.BaseRequest,
+        conn: Connection,
+        timing: list[float],
+        started: float,
+        deadline: float,
+        request_id: str,
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        out = self._headers.downstream(response_headers(conn.raw_headers))
+        if "X-Request-ID" not in out:
+            out["X-Request-ID"] = request_id
+        response = web.StreamResponse(status=conn.status, reason=conn.reason or None, headers=out)
+        if conn.complete and len(conn.chunks) <= 1:
+            # the whole answer is here already: head and body leave in one write
+            body = conn.chunks.popleft() if conn.chunks else b""
+            conn.buffered = 0
+            await response.prepare(request)
+            await response.write_eof(body)
+            timing[0] = loop.time() - started
+            return response
+        await response.prepare(request)
+        try:
+            idle = self._proxy.body_idle_timeout
+            async for chunk in conn.body(idle, deadline):
+                await response.write(chunk)
+        except (Rejected, TimeoutError, ConnectionError):
+            # Mid-body failure: the status is sent, so the only honest signal is to
+            # cut the connection instead of finishing a truncated body as if complete.
+            conn._close_after = True
+            response.force_close()
+            if request.transport is not None:
+                request.transport.close()
+            timing[0] = loop.time() - started
+            return response
+        await response.write_eof()
         timing[0] = loop.time() - started
         return response
 

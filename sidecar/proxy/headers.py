@@ -140,7 +140,7 @@ class HeaderRules:
         out.extend(set_headers)
         return out
 
-    def downstream(self, upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    def downstream(self, upstream: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
         """The headers the client receives from the app's response."""
         out: CIMultiDict[str] = CIMultiDict()
         named: set[str] = set()
