@@ -839,9 +839,7 @@ def load(
         ),
         log_format=o.get("log_format", _choice("json", "text"), do.log_format),
         access_log=o.get("access_log", _bool, do.access_log),
-        otlp_endpoint=o.get(
-            "otlp_endpoint", lambda v: _url(v) if str(v) else "", do.otlp_endpoint
-        ),
+        otlp_endpoint=o.get("otlp_endpoint", lambda v: _url(v) if str(v) else "", do.otlp_endpoint),
         trace_sample_ratio=o.get("trace_sample_ratio", _ratio, do.trace_sample_ratio),
         access_log_sample_ratio=o.get(
             "access_log_sample_ratio", _ratio, do.access_log_sample_ratio

@@ -37,6 +37,8 @@ def _otel_ids() -> tuple[str, str] | None:
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
 
 
+# one encoder, built once (json.dumps with arguments builds a new one on every call)
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 _ts_second = -1
 _ts_prefix = ""
 # set by configure() for JSON logs: the access log skips the logging machinery (a
@@ -77,7 +79,7 @@ class JsonFormatter(logging.Formatter):
             out.update(fields)
         if record.exc_info and record.levelno >= logging.ERROR:
             out["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(out, separators=(",", ":"), default=str)
+        return _encode(out)
 
 
 class TextFormatter(logging.Formatter):
@@ -130,7 +132,7 @@ def access(fields: dict[str, Any], *, sampled: bool = False) -> None:
     fast = _fast
     if fast is not None and not ACCESS.handlers and fast in logging.root.handlers:
         line = {"ts": timestamp(time.time()), "level": "INFO", "msg": "access", **fields}
-        text = json.dumps(line, separators=(",", ":"), default=str) + "\n"
+        text = _encode(line) + "\n"
         fast.acquire()
         try:
             fast.stream.write(text)

@@ -167,8 +167,7 @@ class Forwarder:
 
         The client gets X-Request-ID back unless the app set its own.
         """
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self.pool.loop.time()
         deadline = started + self._proxy.upstream_timeout
         guard: _BodyGuard | None = None
         if request.body_exists:
@@ -189,8 +188,7 @@ class Forwarder:
             conn.write(head)
             if guard is None:
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        await conn.head
+                    await conn.wait_head(deadline)
                 except UpstreamError:
                     # an idle keep-alive connection the app closed as we reused it: the
                     # request never reached the app, so it is sent again once, on a new one
@@ -201,8 +199,7 @@ class Forwarder:
                     conn, reused = await pool.acquire()
                     conn.head_request = method == "HEAD"
                     conn.write(head)
-                    async with asyncio.timeout_at(deadline):
-                        await conn.head
+                    await conn.wait_head(deadline)
             else:
                 sending = asyncio.create_task(_send_body(conn, guard, chunked))
                 async with asyncio.timeout_at(deadline):
@@ -245,7 +242,7 @@ class Forwarder:
         deadline: float,
         request_id: str,
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = self.pool.loop
         out = self._headers.downstream(response_headers(conn.raw_headers))
         if "X-Request-ID" not in out:
             out["X-Request-ID"] = request_id

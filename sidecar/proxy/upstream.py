@@ -43,6 +43,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -56,7 +57,7 @@ class Connection(asyncio.Protocol):
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self._last_name = b""
-        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[None] = self._loop.create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
@@ -162,6 +163,21 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    async def wait_head(self, deadline: float) -> None:
+        """Until the response head is in; TimeoutError at `deadline` (loop time)."""
+        head = self.head
+        if not head.done():
+            timer = self._loop.call_at(deadline, self._head_timeout)
+            try:
+                await head
+            finally:
+                timer.cancel()
+        head.result()
+
+    def _head_timeout(self) -> None:
+        if not self.head.done():
+            self.head.set_exception(TimeoutError())
+
     async def drain(self) -> None:
         if self._write_ok is not None and not self._write_ok.done():
             await self._write_ok
@@ -228,13 +244,39 @@ class UpstreamPool:
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
         self.connect_timeout = connect_timeout
         self.idle: list[Connection] = []
-        self.slots = asyncio.Semaphore(limit)
+        self.limit = limit
+        self.busy = 0  # exchanges under way; past `limit`, callers queue in `waiting`
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self.open: set[Connection] = set()
+        self.loop = asyncio.get_running_loop()
+
+    async def _take_slot(self) -> None:
+        if self.busy >= self.limit:
+            waiter = self.loop.create_future()
+            self.waiting.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self.waiting:
+                    self.waiting.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._give_slot()  # handed a slot as it was cancelled: pass it on
+                raise
+            return  # the releaser handed its slot over; busy is unchanged
+        self.busy += 1
+
+    def _give_slot(self) -> None:
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.busy -= 1
 
     async def acquire(self) -> tuple[Connection, bool]:
         """A connection for one exchange, and whether it was reused."""
-        await self.slots.acquire()
-        loop = asyncio.get_running_loop()
+        await self._take_slot()
+        loop = self.loop
         now = loop.time()
         while self.idle:
             conn = self.idle.pop()
@@ -254,24 +296,24 @@ class UpstreamPool:
                     server_hostname=self.host if self.ssl else None,
                 )
         except TimeoutError:
-            self.slots.release()
+            self._give_slot()
             raise UpstreamError(
                 502, "upstream_connect_timeout", "upstream did not accept the connection in time"
             ) from None
         except OSError:
-            self.slots.release()
+            self._give_slot()
             raise UpstreamError(
                 502, "upstream_unreachable", "upstream refused the connection"
             ) from None
         except BaseException:
-            self.slots.release()
+            self._give_slot()
             raise
         self.open.add(conn)
         return conn, False
 
     def release(self, conn: Connection) -> None:
         """The exchange is over: keep the connection for the next one, or close it."""
-        self.slots.release()
+        self._give_slot()
         if conn.reusable:
             conn.idle_since = asyncio.get_running_loop().time()
             self.idle.append(conn)

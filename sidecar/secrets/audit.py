@@ -14,6 +14,8 @@ from typing import IO, Any
 
 from sidecar.observability.logging import timestamp
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
 
 class AuditLog:
     """Writes audit events to the configured sink."""
@@ -35,7 +37,7 @@ class AuditLog:
             "msg": "audit",
             **event,
         }
-        self._out.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._out.write(_encode(line) + "\n")
 
     def secret_read(
         self, *, path: str, version: str, tenant: str | None, rule: str, request_id: str
