@@ -246,15 +246,15 @@ class Forwarder:
         out = self._headers.downstream(response_headers(conn.raw_headers))
         if "X-Request-ID" not in out:
             out["X-Request-ID"] = request_id
-        response = web.StreamResponse(status=conn.status, reason=conn.reason or None, headers=out)
-        if conn.complete and len(conn.chunks) <= 1:
+        if conn.complete and len(conn.chunks) <= 1 and not conn.head_request:
             # the whole answer is here already: head and body leave in one write
             body = conn.chunks.popleft() if conn.chunks else b""
             conn.buffered = 0
-            await response.prepare(request)
-            await response.write_eof(body)
             timing[0] = loop.time() - started
-            return response
+            return web.Response(
+                body=body, status=conn.status, reason=conn.reason or None, headers=out
+            )
+        response = web.StreamResponse(status=conn.status, reason=conn.reason or None, headers=out)
         await response.prepare(request)
         try:
             idle = self._proxy.body_idle_timeout
