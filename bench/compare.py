@@ -354,7 +354,14 @@ def _to_ms(text: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
+def steal_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the machine so far: a VM's stolen time is noise."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
 def max_throughput(port: int, token: str, seconds: int) -> dict[str, float]:
+    steal0, total0 = steal_ticks()
     out = subprocess.run(
         [
             "wrk",
@@ -376,7 +383,9 @@ def max_throughput(port: int, token: str, seconds: int) -> dict[str, float]:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    return {"max_rps": rps, "max_p50_ms": p50, "max_p99_ms": p99}
+    steal1, total1 = steal_ticks()
+    steal = (steal1 - steal0) / max(1, total1 - total0) * 100
+    return {"max_rps": rps, "max_p50_ms": p50, "max_p99_ms": p99, "steal_pct": steal}
 
 
 def fixed_rate(
@@ -496,6 +505,26 @@ def table(results: Results, names: list[str], runs: int) -> str:
             f"{m('max_p50_ms'):.2f} | {m('max_p99_ms'):.2f} | {m('vcpu_per_1000rps'):.3f} | "
             f"{m('rss_mb'):.1f} | {m('p50_ms'):.3f} | {m('p90_ms'):.3f} | {m('p99_ms'):.3f} | "
             f"{m('p99_ms') - base_p99:+.3f} |"
+        )
+    worker_names = [n for n in names if n.startswith("sidecar-")]
+    if worker_names and "sidecar" in results.runs:
+        for name in worker_names:
+            ratios = [
+                w["max_rps"] / one["max_rps"]
+                for w, one in zip(results.runs[name], results.runs["sidecar"], strict=False)
+            ]
+            out.append("")
+            out.append(
+                f"{name} / sidecar maximum throughput, run by run: "
+                + ", ".join(f"{r:.2f}x" for r in ratios)
+                + f" (median {statistics.median(ratios):.2f}x)"
+            )
+    steal = [r["steal_pct"] for runs in results.runs.values() for r in runs if "steal_pct" in r]
+    if steal:
+        out.append("")
+        out.append(
+            f"CPU time stolen from this VM during the throughput phases: median "
+            f"{statistics.median(steal):.1f}%, max {max(steal):.1f}%"
         )
     return "\n".join(out)
 
