@@ -430,6 +430,21 @@ def make_tls(folder: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
+def webhook_argv(cert: Path, key: Path, *extra: str) -> list[str]:
+    """The command line of `dotmac-sidecar inject-webhook` with a certificate and key."""
+    return [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "inject-webhook",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        *extra,
+    ]
+
+
 @pytest.fixture
 def webhook(tmp_path: Path) -> Iterator[tuple[str, ssl.SSLContext]]:
     cert, key = make_tls(tmp_path)
@@ -439,20 +454,9 @@ def webhook(tmp_path: Path) -> Iterator[tuple[str, ssl.SSLContext]]:
     port = free_port()
     log = (tmp_path / "webhook.log").open("wb")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "inject-webhook",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--config",
-            str(tmp_path / "injector.yaml"),
-        ],
+        webhook_argv(
+            cert, key, "--listen", f"127.0.0.1:{port}", "--config", str(tmp_path / "injector.yaml")
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -499,16 +503,7 @@ def test_webhook_process_over_tls(webhook: tuple[str, ssl.SSLContext]) -> None:
 
 def test_inject_webhook_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "inject-webhook",
-            "--tls-cert",
-            str(tmp_path / "no.crt"),
-            "--tls-key",
-            str(tmp_path / "no.key"),
-        ],
+        webhook_argv(tmp_path / "no.crt", tmp_path / "no.key"),
         capture_output=True,
         text=True,
         timeout=30,
@@ -519,18 +514,7 @@ def test_inject_webhook_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("sidecar: {listenPort: 'x'}\n")
     cert, key = make_tls(tmp_path)
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "inject-webhook",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-            "--config",
-            str(tmp_path / "bad.yaml"),
-        ],
+        webhook_argv(cert, key, "--config", str(tmp_path / "bad.yaml")),
         capture_output=True,
         text=True,
         timeout=30,
