@@ -201,7 +201,8 @@ class ProxyHandler:
 
         # 5. forward, inside the upstream span
         trace = ex.trace
-        for name, value in trace.upstream_headers(method, str(self.forwarder.url(path, ""))):
+        url = str(self.forwarder.url(path, "")) if self.tracing.enabled else ""  # span attribute
+        for name, value in trace.upstream_headers(method, url):
             outgoing[name] = value
         try:
             if _is_websocket(request):

@@ -15,6 +15,7 @@ from typing import IO, Any
 from sidecar.observability.logging import timestamp
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+_str = json.encoder.encode_basestring_ascii  # a JSON string literal, as json.dumps writes it
 
 
 class AuditLog:
@@ -80,19 +81,13 @@ class AuditLog:
         request_id: str,
         trace_id: str,
     ) -> None:
-        """A policy decision on a request."""
-        self._write(
-            {
-                "event": "decision",
-                "decision": decision,
-                "rule": rule,
-                "reason": reason,
-                "subject_kind": subject_kind,
-                "method": method,
-                "path": path,
-                "request_id": request_id,
-                "trace_id": trace_id,
-            }
+        """A policy decision on a request (one per request: the line is built directly)."""
+        s = _str
+        self._out.write(
+            f'{{"ts":"{timestamp(time.time())}","level":"INFO","msg":"audit","event":"decision",'
+            f'"decision":{s(decision)},"rule":{s(rule)},"reason":{s(reason)},'
+            f'"subject_kind":{s(subject_kind)},"method":{s(method)},"path":{s(path)},'
+            f'"request_id":{s(request_id)},"trace_id":{s(trace_id)}}}\n'
         )
 
     def close(self) -> None:
