@@ -159,7 +159,9 @@ class Supervisor:
     async def _fetch(self, path: str) -> list[tuple[int, str]]:
         assert self.session is not None
 
-        async def one(port: int) -> tuple[int, str]:
+        async def one(port: int | None) -> tuple[int, str]:
+            if port is None:  # not started (yet, or again)
+                return 503, ""
             assert self.session is not None
             try:
                 async with self.session.get(f"http://127.0.0.1:{port}{path}") as r:
@@ -168,7 +170,7 @@ class Supervisor:
                 return 503, ""
 
         ports = [self.admin_ports.get(i) for i in range(self.count)]
-        return list(await asyncio.gather(*(one(p) if p else _missing() for p in ports)))
+        return list(await asyncio.gather(*(one(p) for p in ports)))
 
     def admin_app(self) -> web.Application:
         async def healthz(request: web.Request) -> web.Response:
@@ -267,7 +269,3 @@ def _min(a: float, b: float) -> float:
 
 def _max(a: float, b: float) -> float:
     return max(a, b)
-
-
-async def _missing() -> tuple[int, str]:
-    return 503, ""

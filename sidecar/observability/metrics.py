@@ -43,10 +43,6 @@ DURATION_BUCKETS = (
 )
 
 
-# label children kept per label set; methods are not bounded by the parser, hence a cap
-_CACHE_LIMIT = 4096
-
-
 def method_label(method: str) -> str:
     """A bounded label for an HTTP method."""
     return method if method in KNOWN_METHODS else "OTHER"
@@ -57,8 +53,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._children: dict[tuple[str, str, int], list[Any]] = {}
-        self._decided: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = self.registry
         ProcessCollector(registry=r)
         self.requests = Counter(
@@ -166,31 +161,21 @@ class Metrics:
     def observe(
         self, rule: str, method: str, status: int, seconds: float, upstream_seconds: float | None
     ) -> None:
-        """Count one finished request (label lookups are cached: label values are bounded)."""
-        key = (rule, method, status // 100)
-        children = self._children.get(key)
-        if children is None:
-            m = method_label(method)
-            children = [
-                self.requests.labels(rule, m, f"{status // 100}xx"),
-                self.duration.labels(rule, m),
-                None,
-            ]
-            if len(self._children) < _CACHE_LIMIT:
-                self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one finished request."""
+        m = method_label(method)
+        self._child(self.requests, rule, m, f"{status // 100}xx").inc()
+        self._child(self.duration, rule, m).observe(seconds)
         if upstream_seconds is not None:
-            if children[2] is None:
-                children[2] = self.upstream_duration.labels(rule)
-            children[2].observe(upstream_seconds)
+            self._child(self.upstream_duration, rule).observe(upstream_seconds)
 
     def decided(self, rule: str, decision: str) -> None:
         """Count one policy decision."""
-        key = (rule, decision)
-        child = self._decided.get(key)
+        self._child(self.decisions, rule, decision).inc()
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once per label set (the sets are bounded)."""
+        key = (metric, values)
+        child = self._children.get(key)
         if child is None:
-            child = self.decisions.labels(rule, decision)
-            if len(self._decided) < _CACHE_LIMIT:
-                self._decided[key] = child
-        child.inc()
+            child = self._children[key] = metric.labels(*values)
+        return child

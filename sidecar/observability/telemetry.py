@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
@@ -143,7 +142,8 @@ def _log_span_result(result: str, count: int) -> None:
         LOG.debug("spans not exported", extra={"fields": {"result": result, "count": count}})
 
 
-def _instrument_types() -> tuple[Any, ...]:
+def _instrument_types() -> tuple[type, ...]:
+    """The SDK's public instrument classes (a synchronous gauge keeps the SDK's default)."""
     from opentelemetry.sdk.metrics import (
         Counter,
         Histogram,
@@ -152,13 +152,11 @@ def _instrument_types() -> tuple[Any, ...]:
         ObservableUpDownCounter,
         UpDownCounter,
     )
-    from opentelemetry.sdk.metrics import _Gauge as Gauge
 
     return (
         Counter,
         UpDownCounter,
         Histogram,
-        Gauge,
         ObservableCounter,
         ObservableUpDownCounter,
         ObservableGauge,

@@ -27,9 +27,6 @@ from sidecar.proxy.upstream import (
     response_headers,
 )
 
-_CHUNK = 64 * 1024
-
-
 _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -89,6 +86,8 @@ class Forwarder:
         self._headers = headers
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
+        # the app's address as a URL prefix, for span attributes (paths are already encoded)
+        self.base_url = str(self._base)
         default_port = 443 if upstream.scheme == "https" else 80
         self._host_header = (
             upstream.host if upstream.port == default_port else f"{upstream.host}:{upstream.port}"
@@ -180,58 +179,76 @@ class Forwarder:
         target = f"{path}?{query}" if query else path
         chunked = guard is not None and "Content-Length" not in headers
         head = request_head(method, target, headers, self._host_header, chunked)
-        pool = self.pool
-        conn, reused = await pool.acquire()
-        sending: asyncio.Task[None] | None = None
-        try:
-            conn.head_request = method == "HEAD"
-            conn.write(head)
-            if guard is None:
-                try:
-                    await conn.wait_head(deadline)
-                except UpstreamError:
-                    # an idle keep-alive connection the app closed as we reused it: the
-                    # request never reached the app, so it is sent again once, on a new one
-                    if not (reused and not conn.got_bytes and method in _RETRYABLE):
-                        raise
-                    old, conn = conn, None  # type: ignore[assignment]
-                    pool.release(old)
-                    conn, reused = await pool.acquire()
-                    conn.head_request = method == "HEAD"
-                    conn.write(head)
-                    await conn.wait_head(deadline)
-            else:
-                sending = asyncio.create_task(_send_body(conn, guard, chunked))
-                async with asyncio.timeout_at(deadline):
-                    await asyncio.wait((sending, conn.head), return_when=asyncio.FIRST_COMPLETED)
-                    if sending.done() and sending.exception() is not None:
-                        raise sending.exception()  # type: ignore[misc]
-                    await conn.head
-        except BaseException as exc:
-            if sending is not None:
-                sending.cancel()
-                await asyncio.gather(sending, return_exceptions=True)
-            if conn is not None:
-                conn._fail(reset_error())
-                pool.release(conn)
-            if guard is not None and guard.error is not None:
-                raise guard.error from None
-            if isinstance(exc, TimeoutError):
-                raise UpstreamError(
-                    504, "upstream_timeout", "upstream did not answer in time"
-                ) from None
-            if isinstance(exc, OSError):
-                raise reset_error() from None
-            raise
+        conn, sending = await self._exchange(head, method, guard, chunked, deadline)
         try:
             return await self._respond(request, conn, timing, started, deadline, request_id)
         finally:
             if sending is not None:
                 if not sending.done():
                     sending.cancel()
-                    conn._close_after = True
+                    conn.close_after = True
                 await asyncio.gather(sending, return_exceptions=True)
-            pool.release(conn)
+            self.pool.release(conn)
+
+    async def _exchange(
+        self,
+        head: bytes,
+        method: str,
+        guard: _BodyGuard | None,
+        chunked: bool,
+        deadline: float,
+    ) -> tuple[Connection, asyncio.Task[None] | None]:
+        """Send the request on a pooled connection until the app's answer head is in.
+
+        A request without a body whose reused keep-alive connection the app closed before
+        answering anything never reached the app: it is sent once more, on a new connection.
+        """
+        pool = self.pool
+        for attempt in (1, 2):
+            conn, reused = await pool.acquire()
+            conn.head_request = method == "HEAD"
+            conn.write(head)
+            sending = (
+                None if guard is None else asyncio.create_task(_send_body(conn, guard, chunked))
+            )
+            try:
+                if sending is None:
+                    await conn.wait_head(deadline)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await asyncio.wait(
+                            (sending, conn.head), return_when=asyncio.FIRST_COMPLETED
+                        )
+                        if sending.done() and sending.exception() is not None:
+                            raise sending.exception()  # type: ignore[misc]
+                        await conn.head
+                return conn, sending
+            except BaseException as exc:
+                if sending is not None:
+                    sending.cancel()
+                    await asyncio.gather(sending, return_exceptions=True)
+                conn.fail(reset_error())
+                pool.release(conn)
+                if guard is not None and guard.error is not None:
+                    raise guard.error from None
+                retry = (
+                    attempt == 1
+                    and sending is None
+                    and reused
+                    and not conn.got_bytes
+                    and method in _RETRYABLE
+                    and isinstance(exc, UpstreamError)
+                )
+                if retry:
+                    continue
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamError(
+                        504, "upstream_timeout", "upstream did not answer in time"
+                    ) from None
+                if isinstance(exc, OSError):
+                    raise reset_error() from None
+                raise
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _respond(
         self,
@@ -263,7 +280,7 @@ class Forwarder:
         except (Rejected, TimeoutError, ConnectionError):
             # Mid-body failure: the status is sent, so the only honest signal is to
             # cut the connection instead of finishing a truncated body as if complete.
-            conn._close_after = True
+            conn.close_after = True
             response.force_close()
             if request.transport is not None:
                 request.transport.close()

@@ -201,8 +201,7 @@ class ProxyHandler:
 
         # 5. forward, inside the upstream span
         trace = ex.trace
-        url = str(self.forwarder.url(path, "")) if self.tracing.enabled else ""  # span attribute
-        for name, value in trace.upstream_headers(method, url):
+        for name, value in trace.upstream_headers(method, self.forwarder.base_url + path):
             outgoing[name] = value
         try:
             if _is_websocket(request):

@@ -56,7 +56,6 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self._last_name = b""
         self.head: asyncio.Future[None] = self._loop.create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -65,7 +64,7 @@ class Connection(asyncio.Protocol):
         self.got_bytes = False
         self._waiter: asyncio.Future[None] | None = None
         self.head_request = False
-        self._close_after = False
+        self.close_after = False
         self.close_delimited = False
         self.keep_alive = False
 
@@ -78,25 +77,25 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError(502, "upstream_bad_response", "unexpected upgrade"))
+            self.fail(UpstreamError(502, "upstream_bad_response", "unexpected upgrade"))
         except httptools.HttpParserError:
-            self._fail(UpstreamError(502, "upstream_bad_response", "malformed response"))
+            self.fail(UpstreamError(502, "upstream_bad_response", "malformed response"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.complete and self.close_delimited and self.status and exc is None:
             self.complete = True  # a body with no length and no chunks ends with the close
-            self._close_after = True
+            self.close_after = True
             self._wake()
         if not self.complete:
-            self._fail(reset_error())
+            self.fail(reset_error())
         if self._write_ok is not None and not self._write_ok.done():
             self._write_ok.set_exception(reset_error())
         self.pool.forget(self)
 
     def pause_writing(self) -> None:
         if self._write_ok is None or self._write_ok.done():
-            self._write_ok = asyncio.get_running_loop().create_future()
+            self._write_ok = self._loop.create_future()
 
     def resume_writing(self) -> None:
         if self._write_ok is not None and not self._write_ok.done():
@@ -128,7 +127,7 @@ class Connection(asyncio.Protocol):
         if self.head_request:
             # no body follows a HEAD answer; llhttp does not know the request was HEAD
             self.complete = True
-            self._close_after = True
+            self.close_after = True
             self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -153,7 +152,8 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
+        """End the exchange with `exc` (waiters get it) and close the connection."""
         if self.error is None:
             self.error = exc
         if not self.head.done():
@@ -192,7 +192,7 @@ class Connection(asyncio.Protocol):
     async def body(self, idle: float, deadline: float) -> AsyncIterator[bytes]:
         """The response body, chunk by chunk; raises UpstreamError if it breaks off, stalls
         for `idle` seconds, or is not over by `deadline` (loop time)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while True:
             if self.chunks:
                 chunk = self.chunks.popleft()
@@ -211,7 +211,7 @@ class Connection(asyncio.Protocol):
                 async with asyncio.timeout_at(min(deadline, loop.time() + idle)):
                     await self._waiter
             except TimeoutError:
-                self._fail(UpstreamError(504, "upstream_timeout", "upstream body stalled"))
+                self.fail(UpstreamError(504, "upstream_timeout", "upstream body stalled"))
                 raise UpstreamError(504, "upstream_timeout", "upstream body stalled") from None
             finally:
                 self._waiter = None
@@ -222,7 +222,7 @@ class Connection(asyncio.Protocol):
             self.complete
             and self.error is None
             and not self.closed
-            and not self._close_after
+            and not self.close_after
             and self.keep_alive
         )
 
@@ -315,7 +315,7 @@ class UpstreamPool:
         """The exchange is over: keep the connection for the next one, or close it."""
         self._give_slot()
         if conn.reusable:
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = self.loop.time()
             self.idle.append(conn)
         elif conn.transport is not None and not conn.closed:
             conn.transport.close()
