@@ -93,6 +93,40 @@ def make_token(
     return jwt.encode(payload, key, algorithm=alg, headers=headers)
 
 
+# the access-log keys of contract section 9, plus the span id of the request's span
+ACCESS_LOG_KEYS = frozenset(
+    {
+        "ts",
+        "level",
+        "msg",
+        "request_id",
+        "trace_id",
+        "span_id",
+        "method",
+        "path",
+        "rule",
+        "decision",
+        "reason",
+        "status",
+        "auth_method",
+        "upstream_ms",
+        "duration_ms",
+    }
+)
+
+
+async def serve_loopback(app: web.Application | web.Server) -> tuple[web.BaseRunner, int]:
+    """Serve `app` on a free loopback port; returns its runner (to clean up) and the port."""
+    runner: web.BaseRunner
+    if isinstance(app, web.Application):
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+    else:
+        runner = web.ServerRunner(app, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, next(int(a[1]) for a in runner.addresses if isinstance(a, tuple))
+
+
 @dataclass
 class Upstream:
     """A real aiohttp echo server that also records what reached it."""
@@ -119,11 +153,7 @@ async def upstream() -> AsyncIterator[Upstream]:
         )
         return await echo.handle(request)
 
-    runner = web.ServerRunner(web.Server(handler), handle_signals=False, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    record.port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    runner, record.port = await serve_loopback(web.Server(handler))
     yield record
     await runner.cleanup()
 

@@ -10,7 +10,7 @@ import aiohttp
 
 from sidecar.app import free_port
 from sidecar.observability.logging import ACCESS, JsonFormatter
-from tests.conftest import Keys, Running, SidecarFactory, Upstream, make_token
+from tests.conftest import ACCESS_LOG_KEYS, Keys, Running, SidecarFactory, Upstream, make_token
 
 
 async def test_health_ready_and_upstream_reported_not_gating(
@@ -93,25 +93,8 @@ async def test_access_log_lines(proxy: Running, keys: Keys) -> None:
     assert token not in raw
     lines = [json.loads(line) for line in raw.splitlines()]
     assert len(lines) == 2
-    keys_expected = {
-        "ts",
-        "level",
-        "msg",
-        "request_id",
-        "trace_id",
-        "span_id",
-        "method",
-        "path",
-        "rule",
-        "decision",
-        "reason",
-        "status",
-        "auth_method",
-        "upstream_ms",
-        "duration_ms",
-    }
     for line in lines:
-        assert set(line) == keys_expected
+        assert set(line) == ACCESS_LOG_KEYS
         assert line["msg"] == "access"
     ok, denied = lines
     assert ok["request_id"] == "abc-123"

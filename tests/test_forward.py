@@ -13,7 +13,15 @@ import psutil
 import pytest
 
 from sidecar.app import free_port
-from tests.conftest import Keys, Process, Running, SidecarFactory, Upstream, make_token
+from tests.conftest import (
+    Keys,
+    Process,
+    Running,
+    SidecarFactory,
+    Upstream,
+    make_token,
+    serve_loopback,
+)
 
 MB = 1024 * 1024
 
@@ -226,11 +234,7 @@ async def test_upstream_connections_are_kept_alive_and_reused(
             return response
         return web.Response(text=f"{request.method} {request.path}")
 
-    runner = web.ServerRunner(web.Server(handler), handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    runner, port = await serve_loopback(web.Server(handler))
     try:
         running: Running = await make_sidecar(f"http://127.0.0.1:{port}")
         auth = {"Authorization": f"Bearer {make_token(keys, roles=['admin'])}"}

@@ -329,6 +329,15 @@ def test_malformed_annotations_are_refused_with_a_clear_message(
     assert response["status"]["message"].startswith("dotmac-sidecar injection: ")
 
 
+def annotated_pod_review(spec: dict[str, Any]) -> dict[str, Any]:
+    """A review of a pod that asks for the sidecar, with the given (odd) spec."""
+    pod = {"metadata": {"annotations": {"sidecar.dotmac.io/inject": "true"}}, "spec": spec}
+    return {
+        "kind": "AdmissionReview",
+        "request": {"uid": "u", "kind": {"kind": "Pod"}, "object": pod},
+    }
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -341,28 +350,8 @@ def test_malformed_annotations_are_refused_with_a_clear_message(
             "kind": "AdmissionReview",
             "request": {"uid": "u", "kind": {"kind": "Pod"}, "object": "no"},
         },
-        {
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "u",
-                "kind": {"kind": "Pod"},
-                "object": {
-                    "metadata": {"annotations": {"sidecar.dotmac.io/inject": "true"}},
-                    "spec": {"containers": [None, 3]},
-                },
-            },
-        },
-        {
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "u",
-                "kind": {"kind": "Pod"},
-                "object": {
-                    "metadata": {"annotations": {"sidecar.dotmac.io/inject": "true"}},
-                    "spec": {"containers": [{"name": "a", "ports": "x", "readinessProbe": 1}]},
-                },
-            },
-        },
+        annotated_pod_review({"containers": [None, 3]}),
+        annotated_pod_review({"containers": [{"name": "a", "ports": "x", "readinessProbe": 1}]}),
     ],
 )
 def test_malformed_reviews_are_answered_never_crash(body: Any) -> None:
