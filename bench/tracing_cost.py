@@ -16,25 +16,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 import jwt
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sidecar.app import free_port  # noqa: E402
+from compare import ROOT, Subject, free_port, start
 
 SECRET = "bench-hmac-secret-0123456789abcdef0123"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 UPSTREAM = """
 import sys
@@ -68,22 +63,6 @@ rules:
     methods: [GET]
     require: {permissions: ["read:items"]}
 """
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{url} did not answer in {timeout}s")
 
 
 async def load(url: str, token: str, requests: int, connections: int = 16) -> float:
@@ -126,16 +105,15 @@ observability:
   trace_sample_ratio: 1.0
 """
     )
-    env = dict(os.environ, BENCH_SECRET=SECRET)
-    proc = subprocess.Popen(
+    sidecar = start(
+        "sidecar",
         [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        cwd=ROOT,
+        port,
+        folder / "sidecar.log",
+        env=dict(os.environ, BENCH_SECRET=SECRET, PYTHONPATH=str(ROOT)),
+        ready_url=f"http://127.0.0.1:{admin}/readyz",
     )
     try:
-        wait_http(f"http://127.0.0.1:{admin}/readyz")
         now = int(time.time())
         token = jwt.encode(
             {"iss": "bench", "sub": "u1", "permissions": ["read:items"], "exp": now + 3600},
@@ -144,17 +122,11 @@ observability:
         )
         url = f"http://127.0.0.1:{port}/api/items/42"
         asyncio.run(load(url, token, 500))  # warm-up: caches, pools, the span exporter
-        before = cpu_seconds(proc.pid)
+        before = sidecar.cpu_seconds()
         asyncio.run(load(url, token, requests))
-        used = cpu_seconds(proc.pid) - before
-        return used / requests * 1e6
+        return (sidecar.cpu_seconds() - before) / requests * 1e6
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        sidecar.stop()
 
 
 def main() -> None:
@@ -162,26 +134,30 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    upstream_port, sink_port = free_port(), free_port()
-    helpers = [
-        subprocess.Popen([sys.executable, "-c", UPSTREAM, str(upstream_port)]),
-        subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)]),
-    ]
-    try:
-        wait_http(f"http://127.0.0.1:{upstream_port}/")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            (folder / "policy.yaml").write_text(POLICY)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "policy.yaml").write_text(POLICY)
+        upstream_port, sink_port = free_port(), free_port()
+        helpers: list[Subject] = []
+        try:
+            for name, code, port in (
+                ("upstream", UPSTREAM, upstream_port),
+                ("sink", SINK, sink_port),
+            ):
+                helpers.append(
+                    start(
+                        name, [sys.executable, "-c", code, str(port)], port, folder / f"{name}.log"
+                    )
+                )
             results: dict[str, list[float]] = {"off": [], "1.0": []}
             for _ in range(args.runs):
                 results["off"].append(measure(folder, upstream_port, "", args.requests))
                 results["1.0"].append(
                     measure(folder, upstream_port, f"http://127.0.0.1:{sink_port}", args.requests)
                 )
-    finally:
-        for helper in helpers:
-            helper.terminate()
-            helper.wait(10)
+        finally:
+            for helper in helpers:
+                helper.stop()
     off = statistics.median(results["off"])
     on = statistics.median(results["1.0"])
     print(f"sidecar CPU per request, median of {args.runs} runs of {args.requests} requests")
