@@ -181,8 +181,9 @@ class Forwarder:
         head = request_head(method, target, headers, self._host_header, chunked)
         conn, sending = await self._exchange(head, method, guard, chunked, deadline)
         try:
-            return await self._respond(request, conn, timing, started, deadline, request_id)
+            return await self._respond(request, conn, deadline, request_id)
         finally:
+            timing[0] = self.pool.loop.time() - started
             if sending is not None:
                 if not sending.done():
                     sending.cancel()
@@ -254,12 +255,10 @@ class Forwarder:
         self,
         request: web.BaseRequest,
         conn: Connection,
-        timing: list[float],
-        started: float,
         deadline: float,
         request_id: str,
     ) -> web.StreamResponse:
-        loop = self.pool.loop
+        """The client's response: the app's status, cleaned headers and body."""
         out = self._headers.downstream(response_headers(conn.raw_headers))
         if "X-Request-ID" not in out:
             out["X-Request-ID"] = request_id
@@ -267,7 +266,6 @@ class Forwarder:
             # the whole answer is here already: head and body leave in one write
             body = conn.chunks.popleft() if conn.chunks else b""
             conn.buffered = 0
-            timing[0] = loop.time() - started
             return web.Response(
                 body=body, status=conn.status, reason=conn.reason or None, headers=out
             )
@@ -284,10 +282,8 @@ class Forwarder:
             response.force_close()
             if request.transport is not None:
                 request.transport.close()
-            timing[0] = loop.time() - started
             return response
         await response.write_eof()
-        timing[0] = loop.time() - started
         return response
 
     async def forward_websocket(
