@@ -13,12 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from aiohttp import web
-
 from sidecar.auth.apikeys import KeyStore, parse_key
 from sidecar.auth.identity import Identity
 from sidecar.auth.jwt import TokenVerifier, UnknownKey
 from sidecar.errors import BadRequest, Unauthenticated
+from sidecar.proxy.fastlane import Incoming
 
 
 class Authenticator:
@@ -47,7 +46,7 @@ class Authenticator:
             kinds.add("api_key")
         self.kinds = frozenset(kinds)
 
-    def credentials(self, request: web.BaseRequest, kinds: frozenset[str]) -> list[tuple[str, str]]:
+    def credentials(self, request: Incoming, kinds: frozenset[str]) -> list[tuple[str, str]]:
         """Every credential of the accepted kinds on the request, as (kind, value)."""
         headers = request.headers
         found: list[tuple[str, str]] = []
@@ -76,9 +75,7 @@ class Authenticator:
             raise BadRequest("multiple_credentials", "more than one credential on the request")
         return found
 
-    async def authenticate(
-        self, request: web.BaseRequest, accepted: frozenset[str] | None
-    ) -> Identity:
+    async def authenticate(self, request: Incoming, accepted: frozenset[str] | None) -> Identity:
         """The Identity behind the one credential of an accepted kind on this request."""
         kinds = self.kinds if accepted is None else self.kinds & accepted
         found = self.credentials(request, kinds)

@@ -7,14 +7,22 @@ status classes, decisions and snake_case reasons written in this code base.
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
 
 from sidecar import __version__
@@ -43,6 +51,122 @@ DURATION_BUCKETS = (
 )
 
 
+_STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
+_BOUNDS = list(DURATION_BUCKETS)
+_BUCKET_LABELS = [*(repr(float(b)) for b in DURATION_BUCKETS), "+Inf"]  # as prometheus_client
+
+
+class HotPath:
+    """The per-request families (requests, request and upstream durations, decisions, in
+    flight) as plain dicts of numbers, written from the event loop and read at scrape time.
+
+    prometheus_client takes a lock for every increment: eight per request, the largest
+    share of the metrics' cost per request. A counter here is one dict update, a histogram
+    observation one bisect and two list updates. Names, help, labels and the text a scrape
+    returns are what the prometheus_client objects gave (counters with `_created`).
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], list[float]] = {}
+        self.duration: dict[tuple[str, str], list[float]] = {}
+        self.upstream: dict[tuple[str], list[float]] = {}
+        self.decisions: dict[tuple[str, str], list[float]] = {}
+        self.in_flight = 0
+
+    def count(self, rule: str, method: str, status: int) -> None:
+        m = method if method in KNOWN_METHODS else "OTHER"
+        key = (rule, m, _STATUS_CLASS.get(status // 100, "5xx"))
+        cell = self.requests.get(key)
+        if cell is None:
+            self.requests[key] = [1.0, time.time()]
+        else:
+            cell[0] += 1
+
+    def observe(
+        self, rule: str, method: str, status: int, seconds: float, upstream_seconds: float | None
+    ) -> None:
+        m = method if method in KNOWN_METHODS else "OTHER"
+        key = (rule, m, _STATUS_CLASS.get(status // 100, "5xx"))
+        cell = self.requests.get(key)
+        if cell is None:
+            self.requests[key] = [1.0, time.time()]
+        else:
+            cell[0] += 1
+        _observe(self.duration, (rule, m), seconds)
+        if upstream_seconds is not None:
+            _observe(self.upstream, (rule,), upstream_seconds)
+
+    def decided(self, rule: str, decision: str) -> None:
+        key = (rule, decision)
+        cell = self.decisions.get(key)
+        if cell is None:
+            self.decisions[key] = [1.0, time.time()]
+        else:
+            cell[0] += 1
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> list[Metric]:
+        return list(self._families())
+
+    def _families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "dotmac_sidecar_requests",
+            "Requests answered, by rule, method and status class.",
+            labels=["rule", "method", "status_class"],
+        )
+        for key, (value, created) in list(self.requests.items()):
+            requests.add_metric(key, value, created=created)
+        yield requests
+        yield _histogram(
+            "dotmac_sidecar_request_duration_seconds",
+            "Time from request headers read to response finished.",
+            ["rule", "method"],
+            self.duration,
+        )
+        yield _histogram(
+            "dotmac_sidecar_upstream_duration_seconds",
+            "Time spent waiting on and streaming from the app.",
+            ["rule"],
+            self.upstream,
+        )
+        decisions = CounterMetricFamily(
+            "dotmac_sidecar_decisions",
+            "Policy decisions by rule and outcome (allow, deny, shadow_allow, shadow_deny).",
+            labels=["rule", "decision"],
+        )
+        for pair, (value, created) in list(self.decisions.items()):
+            decisions.add_metric(pair, value, created=created)
+        yield decisions
+        yield GaugeMetricFamily(
+            "dotmac_sidecar_in_flight_requests", "Requests being handled now.", value=self.in_flight
+        )
+
+
+def _observe(table: dict[Any, list[float]], key: Any, value: float) -> None:
+    """One histogram observation: counts per bucket (the last is +Inf), then the sum."""
+    cell = table.get(key)
+    if cell is None:
+        cell = table[key] = [0.0] * (len(_BOUNDS) + 2)
+    cell[bisect_left(_BOUNDS, value)] += 1
+    cell[-1] += value
+
+
+def _histogram(
+    name: str, documentation: str, labels: list[str], table: dict[Any, list[float]]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for key, cell in list(table.items()):
+        running = 0.0
+        buckets = []
+        for label, count in zip(_BUCKET_LABELS, cell, strict=False):
+            running += count
+            buckets.append((label, running))
+        family.add_metric(list(key), buckets, cell[-1])
+    return family
+
+
 def method_label(method: str) -> str:
     """A bounded label for an HTTP method."""
     return method if method in KNOWN_METHODS else "OTHER"
@@ -56,32 +180,9 @@ class Metrics:
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = self.registry
         ProcessCollector(registry=r)
-        self.requests = Counter(
-            "dotmac_sidecar_requests",
-            "Requests answered, by rule, method and status class.",
-            ["rule", "method", "status_class"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "dotmac_sidecar_request_duration_seconds",
-            "Time from request headers read to response finished.",
-            ["rule", "method"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "dotmac_sidecar_upstream_duration_seconds",
-            "Time spent waiting on and streaming from the app.",
-            ["rule"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.decisions = Counter(
-            "dotmac_sidecar_decisions",
-            "Policy decisions by rule and outcome (allow, deny, shadow_allow, shadow_deny).",
-            ["rule", "decision"],
-            registry=r,
-        )
+        # the four families every request touches: plain numbers, no locks (see HotPath)
+        self.hot = HotPath()
+        r.register(self.hot)
         self.auth_failures = Counter(
             "dotmac_sidecar_auth_failures",
             "Rejected credentials by credential kind and reason.",
@@ -138,9 +239,6 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "dotmac_sidecar_in_flight_requests", "Requests being handled now.", registry=r
-        )
         self.ready = Gauge(
             "dotmac_sidecar_ready",
             "1 while /readyz would answer 200 (policy, keys and secrets loaded), else 0.",
@@ -162,15 +260,15 @@ class Metrics:
         self, rule: str, method: str, status: int, seconds: float, upstream_seconds: float | None
     ) -> None:
         """Count one finished request."""
-        m = method_label(method)
-        self._child(self.requests, rule, m, f"{status // 100}xx").inc()
-        self._child(self.duration, rule, m).observe(seconds)
-        if upstream_seconds is not None:
-            self._child(self.upstream_duration, rule).observe(upstream_seconds)
+        self.hot.observe(rule, method, status, seconds, upstream_seconds)
 
     def decided(self, rule: str, decision: str) -> None:
         """Count one policy decision."""
-        self._child(self.decisions, rule, decision).inc()
+        self.hot.decided(rule, decision)
+
+    def count_request(self, rule: str, method: str, status: int) -> None:
+        """Count a request answered without a duration (refused by the listening side)."""
+        self.hot.count(rule, method, status)
 
     def _child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, looked up once per label set (the sets are bounded)."""

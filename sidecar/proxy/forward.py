@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp import web
@@ -17,6 +18,7 @@ from yarl import URL
 
 from sidecar.config import ProxyConfig, Upstream
 from sidecar.errors import Rejected
+from sidecar.proxy.fastlane import Answer, FastRequest, Incoming, Sent, stream_head
 from sidecar.proxy.headers import HeaderRules
 from sidecar.proxy.upstream import (
     Connection,
@@ -155,13 +157,13 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         path: str,
         query: str,
         headers: CIMultiDict[str],
         timing: list[float],
         request_id: str,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """Stream `request` to the app and its answer back; timing[0] gets upstream seconds.
 
         The client gets X-Request-ID back unless the app set its own.
@@ -169,7 +171,7 @@ class Forwarder:
         started = self.pool.loop.time()
         deadline = started + self._proxy.upstream_timeout
         guard: _BodyGuard | None = None
-        if request.body_exists:
+        if isinstance(request, web.BaseRequest) and request.body_exists:
             length = request.content_length
             limit = self._proxy.max_body_bytes
             if limit and length is not None and length > limit:
@@ -253,12 +255,33 @@ class Forwarder:
 
     async def _respond(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         conn: Connection,
         deadline: float,
         request_id: str,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """The client's response: the app's status, cleaned headers and body."""
+        if (
+            isinstance(request, FastRequest)
+            and conn.complete
+            and len(conn.chunks) <= 1
+            and not conn.head_request
+        ):
+            # the whole answer is here: straight from the app's header bytes to one write
+            body = conn.chunks.popleft() if conn.chunks else b""
+            conn.buffered = 0
+            client = request.protocol
+            client.write(
+                self._headers.downstream_raw(
+                    conn.status,
+                    conn.reason,
+                    conn.raw_headers,
+                    request_id,
+                    body,
+                    close=client.must_close(),
+                )
+            )
+            return Sent(conn.status)
         out = self._headers.downstream(response_headers(conn.raw_headers))
         if "X-Request-ID" not in out:
             out["X-Request-ID"] = request_id
@@ -269,6 +292,8 @@ class Forwarder:
             return web.Response(
                 body=body, status=conn.status, reason=conn.reason or None, headers=out
             )
+        if isinstance(request, FastRequest):
+            return await self._stream_fast(request, conn, deadline, out)
         response = web.StreamResponse(status=conn.status, reason=conn.reason or None, headers=out)
         await response.prepare(request)
         try:
@@ -285,6 +310,39 @@ class Forwarder:
             return response
         await response.write_eof()
         return response
+
+    async def _stream_fast(
+        self, request: FastRequest, conn: Connection, deadline: float, out: CIMultiDict[str]
+    ) -> Sent:
+        """Stream the app's answer straight to a fast-lane connection."""
+        client = request.protocol
+        sent = Sent(conn.status)
+        reason = conn.reason or HTTPStatus(conn.status).phrase
+        bodiless = conn.head_request or conn.status < 200 or conn.status in (204, 304)
+        chunked = not bodiless and "Content-Length" not in out
+        client.write(
+            stream_head(
+                conn.status, reason, out.items(), chunked=chunked, close=client.must_close()
+            )
+        )
+        try:
+            idle = self._proxy.body_idle_timeout
+            async for chunk in conn.body(idle, deadline):
+                if bodiless or not chunk:
+                    continue
+                if chunked:
+                    client.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    client.write(chunk)
+                await client.drain()
+        except (Rejected, TimeoutError, ConnectionError):
+            # mid-body failure: cut the connection rather than end a truncated body
+            conn.close_after = True
+            client.abort()
+            return sent
+        if chunked:
+            client.write(b"0\r\n\r\n")
+        return sent
 
     async def forward_websocket(
         self, request: web.BaseRequest, path: str, query: str, headers: CIMultiDict[str]

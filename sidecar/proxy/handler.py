@@ -23,6 +23,7 @@ from sidecar.observability.metrics import Metrics
 from sidecar.observability.tracing import Outcome, RequestTrace, Tracing
 from sidecar.policy.decide import match, verdict
 from sidecar.policy.model import Policy, Rule
+from sidecar.proxy.fastlane import Answer, Incoming
 from sidecar.proxy.forward import Forwarder
 from sidecar.proxy.headers import HeaderRules, request_id
 from sidecar.proxy.paths import canonical
@@ -84,13 +85,14 @@ class ProxyHandler:
         self.metrics = metrics
         self.proxy = proxy
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Incoming) -> Answer:
         started = time.perf_counter()
         h = request.headers
         trace = self.tracing.start(request.method, h.get("traceparent"), h.get("tracestate"))
         ex = Exchange(request_id(h.get("X-Request-ID")), trace)
         token = logs.REQUEST.set((ex.request_id, trace.trace_id, trace.span_id))
-        self.metrics.in_flight.inc()
+        hot = self.metrics.hot
+        hot.in_flight += 1
         status = 500
         try:
             response = await self._handle(request, ex)
@@ -102,7 +104,7 @@ class ProxyHandler:
             logs.LOG.exception("request failed")
             response = self._refuse(Rejected(500, "internal_error", "internal error"), ex)
         finally:
-            self.metrics.in_flight.dec()
+            hot.in_flight -= 1
         ex.status = status
         self._finish(request, ex, status, time.perf_counter() - started)
         logs.REQUEST.reset(token)
@@ -116,7 +118,7 @@ class ProxyHandler:
             self.metrics.auth_failures.labels(ex.auth_method or "none", rejection.reason).inc()
         return error_response(rejection, ex.request_id)
 
-    def _finish(self, request: web.BaseRequest, ex: Exchange, status: int, seconds: float) -> None:
+    def _finish(self, request: Incoming, ex: Exchange, status: int, seconds: float) -> None:
         upstream = ex.upstream_s[0]
         self.metrics.observe(
             ex.rule, request.method, status, seconds, upstream if upstream >= 0 else None
@@ -137,25 +139,23 @@ class ProxyHandler:
         elif ex.rule == "-" and ex.reason:
             self.metrics.rejected.labels(ex.reason).inc()
         ex.trace.finish(ex)
-        logs.access(
-            {
-                "request_id": ex.request_id,
-                "trace_id": ex.trace.trace_id,
-                "span_id": ex.trace.span_id,
-                "method": request.method,
-                "path": ex.path,
-                "rule": ex.rule,
-                "decision": ex.decision,
-                "reason": ex.reason,
-                "status": status,
-                "auth_method": ex.auth_method,
-                "upstream_ms": round(upstream * 1000, 3) if upstream >= 0 else None,
-                "duration_ms": round(seconds * 1000, 3),
-            },
+        logs.request_access(
+            ex.request_id,
+            ex.trace.trace_id,
+            ex.trace.span_id,
+            request.method,
+            ex.path,
+            ex.rule,
+            ex.decision,
+            ex.reason,
+            status,
+            ex.auth_method,
+            round(upstream * 1000, 3) if upstream >= 0 else None,
+            round(seconds * 1000, 3),
             sampled=status < 500 and ex.decision in ("allow", "shadow_allow"),
         )
 
-    async def _handle(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+    async def _handle(self, request: Incoming, ex: Exchange) -> Answer:
         # 1. the request itself: method, version, target
         method = request.method
         if method in _NEVER_PROXIED:
@@ -187,7 +187,12 @@ class ProxyHandler:
         identity = await self._decide(request, rule, params, policy, ex)
 
         # 4. headers the app trusts
-        if request.headers.get("Expect", "").lower() == "100-continue" and version.minor >= 1:
+        websocket = isinstance(request, web.BaseRequest) and _is_websocket(request)
+        if (
+            isinstance(request, web.BaseRequest)
+            and version.minor >= 1
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         own = self._sidecar_headers(request, rule, identity, ex)
         if self.secret_headers is not None:
@@ -196,15 +201,16 @@ class ProxyHandler:
             request.headers,
             own,
             strip_credentials=identity is not None,
-            websocket=_is_websocket(request),
+            websocket=websocket,
         )
 
         # 5. forward, inside the upstream span
         trace = ex.trace
         for name, value in trace.upstream_headers(method, self.forwarder.base_url + path):
             outgoing[name] = value
+        response: Answer
         try:
-            if _is_websocket(request):
+            if websocket and isinstance(request, web.BaseRequest):
                 response = await self.forwarder.forward_websocket(request, path, query, outgoing)
             else:
                 response = await self.forwarder.forward(
@@ -218,7 +224,7 @@ class ProxyHandler:
 
     async def _decide(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         rule: Rule,
         params: dict[str, str],
         policy: Policy,
@@ -266,7 +272,7 @@ class ProxyHandler:
 
     def _sidecar_headers(
         self,
-        request: web.BaseRequest,
+        request: Incoming,
         rule: Rule,
         identity: Identity | None,
         ex: Exchange,
@@ -302,7 +308,7 @@ def reject_hook(metrics: Metrics) -> Any:
     """The hook the listening protocol calls for requests it refuses itself."""
 
     def on_reject(status: int, reason: str, rid: str) -> None:
-        metrics.requests.labels("-", "OTHER", f"{status // 100}xx").inc()
+        metrics.count_request("-", "OTHER", status)
         metrics.rejected.labels(reason).inc()
         logs.access(
             {

@@ -10,8 +10,11 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable
+from http import HTTPStatus
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.proxy.fastlane import http_date
 
 HOP_BY_HOP = frozenset(
     {
@@ -64,6 +67,23 @@ def request_id(client_value: str | None) -> str:
     return f"{_random_bits(128):032x}"
 
 
+_status_lines: dict[tuple[int, str], bytes] = {}
+
+
+def _status_line(status: int, reason: str) -> bytes:
+    """`HTTP/1.1 200 OK\\r\\n`, built once per status and reason."""
+    line = _status_lines.get((status, reason))
+    if line is None:
+        text = reason or (HTTPStatus(status).phrase if status in _KNOWN_STATUS else "")
+        line = f"HTTP/1.1 {status} {text}\r\n".encode("latin-1")
+        if len(_status_lines) < 256:
+            _status_lines[(status, reason)] = line
+    return line
+
+
+_KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
+
+
 def _without_cookies(header: str, names: frozenset[str]) -> str:
     """A Cookie header value without the named cookies."""
     kept = [p for p in header.split(";") if p.strip().partition("=")[0].strip() not in names]
@@ -99,6 +119,11 @@ class HeaderRules:
             if strip_authorization
             else frozenset()
         )
+        # downstream_raw(): what never reaches the client, as lower-case header bytes
+        self._drop_raw = frozenset(
+            n.encode("latin-1") for n in HOP_BY_HOP | self.secret_names | {"content-length"}
+        )
+        self._secret_raw = frozenset(n.encode("latin-1") for n in self.secret_names)
         self.credential_cookies = (
             frozenset(credential_cookies) if strip_authorization else frozenset()
         )
@@ -139,6 +164,52 @@ class HeaderRules:
                     out.popall(key, None)
         out.extend(set_headers)
         return out
+
+    def downstream_raw(
+        self,
+        status: int,
+        reason: str,
+        raw: list[tuple[bytes, bytes]],
+        request_id: str,
+        body: bytes,
+        *,
+        close: bool,
+    ) -> bytes:
+        """A complete answer of the app as the bytes the client receives: `downstream()`'s
+        header rules applied to the app's header bytes, the body's length, X-Request-ID
+        unless the app set one, a Date unless the app sent one."""
+        named: set[bytes] = set()
+        for name, value in raw:
+            if name.lower() == b"connection":
+                named |= {
+                    t.strip().lower().replace(b"_", b"-") for t in value.split(b",") if t.strip()
+                }
+        drop = self._drop_raw | named if named else self._drop_raw
+        secret = self._secret_raw
+        out = [_status_line(status, reason)]
+        seen_id = seen_date = False
+        for name, value in raw:
+            key = name.lower()
+            if key in drop or (secret and key.replace(b"_", b"-") in secret):
+                continue
+            if key == b"x-request-id":
+                seen_id = True
+            elif key == b"date":
+                seen_date = True
+            out.append(b"%b: %b\r\n" % (name, value))
+        if not seen_id:
+            out.append(b"X-Request-ID: %b\r\n" % request_id.encode("latin-1"))
+        if not seen_date:
+            out.append(b"Date: %b\r\n" % http_date().encode("latin-1"))
+        if status >= 200 and status not in (204, 304):
+            out.append(b"Content-Length: %d\r\n" % len(body))
+        else:
+            body = b""
+        if close:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        out.append(body)
+        return b"".join(out)
 
     def downstream(self, upstream: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
         """The headers the client receives from the app's response."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from sidecar.config import ProxyConfig
 from sidecar.errors import ERROR_CODES
+from sidecar.proxy.fastlane import Answer, FastProtocol, Incoming
 from sidecar.proxy.headers import request_id
 
 # (status, reason, request_id) -> None: lets the owner log and count guard rejections
@@ -93,7 +94,7 @@ class GuardedProtocol(RequestHandler):
         manager = self._manager
         if (
             isinstance(manager, ProxyServer)
-            and len(manager.connections) > self._limits.max_connections
+            and manager.open_connections() > self._limits.max_connections
         ):
             self._reject(503, "too_many_connections", "too many open connections")
             return
@@ -200,19 +201,58 @@ class GuardedProtocol(RequestHandler):
 
 
 class ProxyServer(web.Server):
-    """aiohttp's low-level server, building GuardedProtocol connections."""
+    """aiohttp's low-level server, whose connections start in the fast lane (fastlane.py)
+    and move to a GuardedProtocol when a request needs aiohttp."""
 
     def __init__(
         self,
-        handler: Any,
+        handler: Callable[[Incoming], Awaitable[Answer]],
         *,
         limits: ProxyConfig,
         on_reject: RejectHook,
+        fast_lane: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(handler, **kwargs)
+        async def aiohttp_side(request: web.BaseRequest) -> web.StreamResponse:
+            answer = await handler(request)
+            # only a fast-lane request is answered by writing to its connection directly
+            assert isinstance(answer, web.StreamResponse), "fast-lane answer on aiohttp's side"
+            return answer
+
+        super().__init__(aiohttp_side, **kwargs)
+        self.proxy_handler = handler
         self.limits = limits
         self.on_reject = on_reject
+        self.fast_lane = fast_lane
+        self.fast_connections: set[FastProtocol] = set()
 
-    def __call__(self) -> RequestHandler:
+    # the protocol factory of the listening socket: a fast-lane connection to begin with
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        if self.fast_lane:
+            return FastProtocol(self)
+        return self.guarded()
+
+    def guarded(self) -> GuardedProtocol:
+        """A connection served by aiohttp (with the guards above)."""
         return GuardedProtocol(self, loop=self._loop, **self._kwargs)
+
+    def open_connections(self) -> int:
+        """Connections open on the proxy port, in either lane."""
+        return len(self._connections) + len(self.fast_connections)
+
+    def refuse_connection(self, transport: asyncio.Transport) -> None:
+        """Answer 503 on a connection over the cap, and close it."""
+        data, rid = _raw_response(503, "too_many_connections", "too many open connections")
+        transport.write(data)
+        transport.close()
+        self.on_reject(503, "too_many_connections", rid)
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        for conn in list(self.fast_connections):
+            conn.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (as in aiohttp)
+        fast = [conn.shutdown(timeout) for conn in list(self.fast_connections)]
+        await asyncio.gather(super().shutdown(timeout), *fast)
+        self.fast_connections.clear()

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import IO, Any
 
-from sidecar.observability.logging import timestamp
+from sidecar.observability.logging import flush_lines, timestamp, write_line
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _str = json.encoder.encode_basestring_ascii  # a JSON string literal, as json.dumps writes it
@@ -38,7 +38,7 @@ class AuditLog:
             "msg": "audit",
             **event,
         }
-        self._out.write(_encode(line) + "\n")
+        write_line(self._out, _encode(line) + "\n")
 
     def secret_read(
         self, *, path: str, version: str, tenant: str | None, rule: str, request_id: str
@@ -83,14 +83,16 @@ class AuditLog:
     ) -> None:
         """A policy decision on a request (one per request: the line is built directly)."""
         s = _str
-        self._out.write(
+        write_line(
+            self._out,
             f'{{"ts":"{timestamp(time.time())}","level":"INFO","msg":"audit","event":"decision",'
             f'"decision":{s(decision)},"rule":{s(rule)},"reason":{s(reason)},'
             f'"subject_kind":{s(subject_kind)},"method":{s(method)},"path":{s(path)},'
-            f'"request_id":{s(request_id)},"trace_id":{s(trace_id)}}}\n'
+            f'"request_id":{s(request_id)},"trace_id":{s(trace_id)}}}\n',
         )
 
     def close(self) -> None:
         """Close a file sink."""
+        flush_lines()
         if self._owned:
             self._out.close()
