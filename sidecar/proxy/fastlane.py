@@ -199,6 +199,7 @@ class FastProtocol(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._hosts = 0
         self._complete = False
+        self._keep_alive = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -289,6 +290,7 @@ class FastProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._hosts != 1 or self.parser.get_http_version() != "1.1":
             raise _Handover
+        self._keep_alive = self.parser.should_keep_alive()  # llhttp forgets it at the end
 
     def on_message_complete(self) -> None:
         self._complete = True
@@ -318,7 +320,7 @@ class FastProtocol(asyncio.Protocol):
             self._handover()
             return None
         del buffer[: end + 4]
-        self.keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = self._keep_alive
         self.busy = True
         return FastRequest(
             self.parser.get_method().decode("ascii"),
