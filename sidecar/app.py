@@ -287,7 +287,6 @@ class Sidecar:
             self.handler,
             limits=cfg.proxy,
             on_reject=reject_hook(self.metrics),
-            fast_lane=os.environ.get("XFAST", "1") == "1",
             max_line_size=cfg.proxy.max_header_bytes,
             max_field_size=cfg.proxy.max_header_bytes,
             keepalive_timeout=75.0,
