@@ -231,9 +231,9 @@ class FastProtocol(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        if self._write_ok is not None and not self._write_ok.done():
-            self._write_ok.set_exception(ConnectionResetError("client closed the connection"))
         self.transport = None
+        if self._write_ok is not None and not self._write_ok.done():
+            self._write_ok.set_result(None)  # a waiting drain() sees the connection gone
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -264,7 +264,7 @@ class FastProtocol(asyncio.Protocol):
         waiter = self._write_ok
         if waiter is not None and not waiter.done():
             await waiter
-        elif waiter is not None and waiter.exception() is not None:
+        if self.transport is None:
             raise ConnectionResetError("client closed the connection")
 
     def write(self, data: bytes) -> None:
