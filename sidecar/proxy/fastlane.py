@@ -306,7 +306,8 @@ class FastProtocol(asyncio.Protocol):
         if end < 0 or end + 4 > self.manager.limits.max_header_bytes:
             self._handover()
             return None
-        head = bytes(buffer[: end + 4])
+        size = end + 4
+        head = bytes(buffer) if size == len(buffer) else bytes(buffer[:size])
         if head.startswith(b"TRACK "):
             self._handover()
             return None
@@ -319,7 +320,7 @@ class FastProtocol(asyncio.Protocol):
         if not self._complete:
             self._handover()
             return None
-        del buffer[: end + 4]
+        del buffer[:size]
         self.keep_alive = self._keep_alive
         self.busy = True
         return FastRequest(

@@ -137,7 +137,7 @@ class HeaderRules:
         websocket: bool = False,
     ) -> CIMultiDict[str]:
         """The headers the app receives: the client's, cleaned, then the sidecar's own."""
-        out: CIMultiDict[str] = CIMultiDict()
+        pairs: list[tuple[str, str]] = []
         strip = self.strip_from_client
         prefix = self.prefix
         named: set[str] | None = None
@@ -157,13 +157,11 @@ class HeaderRules:
                 value = _without_cookies(value, self.credential_cookies)
                 if not value:
                     continue
-            out.add(name, value)
+            pairs.append((name, value))
         if named:
-            for key in list(out.keys()):
-                if key.lower().replace("_", "-") in named:
-                    out.popall(key, None)
-        out.extend(set_headers)
-        return out
+            pairs = [p for p in pairs if p[0].lower().replace("_", "-") not in named]
+        pairs.extend(set_headers)
+        return CIMultiDict(pairs)
 
     def downstream_raw(
         self,

@@ -341,14 +341,20 @@ def request_head(
     lines = [f"{method} {target} HTTP/1.1"]
     if "Host" not in headers:
         lines.append(f"Host: {default_host}")
-    for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\x00" in value:
-            raise Rejected(400, "bad_header_value", f"header {name} holds a control character")
-        lines.append(f"{name}: {value}")
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
     if chunked:
         lines.append("Transfer-Encoding: chunked")
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    text = "\r\n".join(lines)
+    # one scan of the whole head: a CR and an LF per line (the last one is the blank
+    # line's), no other, and no NUL
+    breaks = len(lines)
+    if text.count("\n") != breaks or text.count("\r") != breaks or "\x00" in text:
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\x00" in value:
+                raise Rejected(400, "bad_header_value", f"header {name} holds a control character")
+        raise Rejected(400, "bad_header_value", "a header name holds a control character")
+    return text.encode("latin-1")
 
 
 def response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
