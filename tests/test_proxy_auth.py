@@ -10,7 +10,10 @@ import time
 import aiohttp
 import jwt
 import pytest
+from multidict import CIMultiDict
 
+from sidecar.errors import Rejected
+from sidecar.proxy.upstream import request_head
 from tests.conftest import (
     EC_ISSUER,
     HS_ISSUER,
@@ -363,3 +366,28 @@ async def test_token_cli_with_a_private_key_file(keys: Keys, proxy: Running) -> 
         ) as r,
     ):
         assert r.status == 200
+
+
+@pytest.mark.parametrize("sub", ["alice\r\nX-Evil: 1", "alice\nX-Evil: 1", "ali\rce", "ali\x00ce"])
+async def test_a_subject_with_a_control_character_is_refused(
+    proxy: Running, upstream: Upstream, client: aiohttp.ClientSession, keys: Keys, sub: str
+) -> None:
+    token = make_token(keys, roles=["support"], sub=sub)
+    async with client.get(
+        f"{proxy.url}/api/users", headers={"Authorization": f"Bearer {token}"}
+    ) as resp:
+        assert resp.status == 401
+        body = await resp.json()
+    assert "X-Evil" not in json.dumps(body)
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Evil: 1", "a\nb", "a\rb", "a\x00b"])
+async def test_the_upstream_head_never_carries_a_control_character(value: str) -> None:
+    # behind the claim checks, the writer of the app's request head refuses them too
+    ok = request_head("GET", "/x", CIMultiDict([("X-Auth-Subject", "alice")]), "app:80", False)
+    assert ok == b"GET /x HTTP/1.1\r\nHost: app:80\r\nX-Auth-Subject: alice\r\n\r\n"
+    with pytest.raises(Rejected) as err:
+        request_head("GET", "/x", CIMultiDict([("X-Auth-Subject", value)]), "app:80", False)
+    assert err.value.status == 400 and err.value.reason == "bad_header_value"
+    assert "X-Auth-Subject" in err.value.message
