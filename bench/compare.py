@@ -354,14 +354,19 @@ def _to_ms(text: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def steal_ticks() -> tuple[int, int]:
-    """(steal, total) CPU ticks of the machine so far: a VM's stolen time is noise."""
+def steal_ticks() -> tuple[int, int, int]:
+    """(steal, idle, total) CPU ticks of the machine so far: a VM's stolen time is noise,
+    and idle time says whether the machine (not only the subject) was the limit."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (fields[7] if len(fields) > 7 else 0), idle, sum(fields)
 
 
-def max_throughput(port: int, token: str, seconds: int) -> dict[str, float]:
-    steal0, total0 = steal_ticks()
+def max_throughput(
+    port: int, token: str, seconds: int, subject: Subject | None = None
+) -> dict[str, float]:
+    steal0, idle0, total0 = steal_ticks()
+    cpu0, t0 = (subject.cpu_seconds() if subject else 0.0), time.monotonic()
     out = subprocess.run(
         [
             "wrk",
@@ -383,9 +388,19 @@ def max_throughput(port: int, token: str, seconds: int) -> dict[str, float]:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    steal1, total1 = steal_ticks()
-    steal = (steal1 - steal0) / max(1, total1 - total0) * 100
-    return {"max_rps": rps, "max_p50_ms": p50, "max_p99_ms": p99, "steal_pct": steal}
+    elapsed = time.monotonic() - t0
+    cores = ((subject.cpu_seconds() - cpu0) / elapsed) if subject else 0.0
+    steal1, idle1, total1 = steal_ticks()
+    ticks = max(1, total1 - total0)
+    return {
+        "max_rps": rps,
+        "max_p50_ms": p50,
+        "max_p99_ms": p99,
+        "steal_pct": (steal1 - steal0) / ticks * 100,
+        # the subject's CPU while at its maximum (1.0 = one core), and the machine's
+        "max_cores": cores,
+        "machine_busy_pct": (1 - (idle1 - idle0) / ticks) * 100,
+    }
 
 
 def fixed_rate(
@@ -519,6 +534,24 @@ def table(results: Results, names: list[str], runs: int) -> str:
                 + ", ".join(f"{r:.2f}x" for r in ratios)
                 + f" (median {statistics.median(ratios):.2f}x)"
             )
+            out.append("")
+            out.append("| at maximum throughput | sidecar | " + name + " |")
+            out.append("|---|---:|---:|")
+            one, many = "sidecar", name
+            out.append(
+                f"| sidecar CPU, cores | {results.median(one, 'max_cores'):.2f} | "
+                f"{results.median(many, 'max_cores'):.2f} |"
+            )
+            out.append(
+                f"| rps per sidecar core | "
+                f"{results.median(one, 'max_rps') / results.median(one, 'max_cores'):,.0f} | "
+                f"{results.median(many, 'max_rps') / results.median(many, 'max_cores'):,.0f} |"
+            )
+            out.append(
+                f"| machine CPU busy (sidecar + wrk + upstream), % | "
+                f"{results.median(one, 'machine_busy_pct'):.0f} | "
+                f"{results.median(many, 'machine_busy_pct'):.0f} |"
+            )
     steal = [r["steal_pct"] for runs in results.runs.values() for r in runs if "steal_pct" in r]
     if steal:
         out.append("")
@@ -564,7 +597,7 @@ def main() -> None:
                         workers = 1 if name == "sidecar" else args.workers
                         subject = start_sidecar(folder, upstream.port, pub, workers)
                     try:
-                        figures = max_throughput(subject.port, token, max_s)
+                        figures = max_throughput(subject.port, token, max_s, subject)
                         figures.update(fixed_rate(subject, token, fixed_s, 1000, folder))
                     finally:
                         if name != "direct":

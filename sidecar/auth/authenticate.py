@@ -85,6 +85,11 @@ class Authenticator:
         try:
             if kind == "api_key":
                 return await self._api_key(value)
+            if value and "," not in value and " " not in value:
+                try:
+                    return self.verifier.verify(value)  # cached or known key: no coroutine
+                except UnknownKey:
+                    pass
             return await self._jwt(value)
         except Unauthenticated as exc:
             exc.method = kind

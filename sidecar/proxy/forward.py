@@ -208,7 +208,11 @@ class Forwarder:
         """
         pool = self.pool
         for attempt in (1, 2):
-            conn, reused = await pool.acquire()
+            kept = pool.take_idle()
+            if kept is not None:
+                conn, reused = kept, True
+            else:
+                conn, reused = await pool.acquire()
             conn.head_request = method == "HEAD"
             conn.write(head)
             sending = (

@@ -273,11 +273,18 @@ class UpstreamPool:
                 return
         self.busy -= 1
 
-    async def acquire(self) -> tuple[Connection, bool]:
-        """A connection for one exchange, and whether it was reused."""
-        await self._take_slot()
-        loop = self.loop
-        now = loop.time()
+    def take_idle(self) -> Connection | None:
+        """A kept connection for one exchange, when a slot is free and one is kept (the
+        common case, without a coroutine); else None, and `acquire()` is the way."""
+        if self.busy >= self.limit:
+            return None
+        conn = self._pop_idle()
+        if conn is not None:
+            self.busy += 1
+        return conn
+
+    def _pop_idle(self) -> Connection | None:
+        now = self.loop.time()
         while self.idle:
             conn = self.idle.pop()
             if conn.closed or now - conn.idle_since > _IDLE_TTL:
@@ -285,7 +292,16 @@ class UpstreamPool:
                     conn.transport.close()
                 continue
             conn._reset_exchange()
-            return conn, True
+            return conn
+        return None
+
+    async def acquire(self) -> tuple[Connection, bool]:
+        """A connection for one exchange, and whether it was reused."""
+        await self._take_slot()
+        loop = self.loop
+        kept = self._pop_idle()
+        if kept is not None:
+            return kept, True
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
