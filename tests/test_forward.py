@@ -20,7 +20,9 @@ from tests.conftest import (
     SidecarFactory,
     Upstream,
     make_token,
+    raw_exchange,
     serve_loopback,
+    status_of,
 )
 
 MB = 1024 * 1024
@@ -254,3 +256,61 @@ async def test_upstream_connections_are_kept_alive_and_reused(
     # requests 0-4 on one connection; the HEAD closed it; 6-19 on the next one
     assert len(set(peers[:5])) == 1 and len(set(peers[6:20])) == 1
     assert len(set(peers)) <= 4
+
+
+async def test_header_bytes_pass_unchanged_on_both_lanes(make_sidecar: SidecarFactory) -> None:
+    """Header values are opaque bytes: a bodiless GET (the fast lane) and a POST (aiohttp's
+    side) carry the client's bytes to the app as sent, valid UTF-8 or not, without the
+    blanks after a value (RFC 9110 5.5); the app's UTF-8 header comes back byte for byte,
+    on a complete answer and on a streamed one. The app here is a raw socket server, so
+    what it records is the bytes on the wire."""
+    heads: list[bytes] = []
+    back = b"X-Back: caf\xc3\xa9 \xe2\x82\xac\r\n"
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":")[1]))
+                if b" /public/stream " in head.split(b"\r\n", 1)[0]:
+                    chunked = b"Transfer-Encoding: chunked\r\n\r\n"
+                    writer.write(b"HTTP/1.1 200 OK\r\n" + back + chunked)
+                    for part in (b"4\r\none-\r\n", b"3\r\ntwo\r\n", b"0\r\n\r\n"):
+                        writer.write(part)
+                        await writer.drain()
+                        await asyncio.sleep(0.05)  # pieces: the answer is streamed, not whole
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\n" + back + b"Content-Length: 5\r\n\r\nwhole")
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        running: Running = await make_sidecar(f"http://127.0.0.1:{port}")
+        for value in (b"caf\xc3\xa9 \xe2\x82\xac", b"caf\xe9"):  # valid UTF-8, and not
+            for path in (b"/public/whole", b"/public/stream"):
+                for method, body in ((b"GET", b""), (b"POST", b"x")):
+                    sent = b"%s %s HTTP/1.1\r\nHost: a\r\nX-Name: %s\r\nX-Padded: v \t\r\n" % (
+                        method,
+                        path,
+                        value,
+                    )
+                    if body:
+                        sent += b"Content-Length: 1\r\n"
+                    raw = await raw_exchange(
+                        running.sidecar.listen_port, sent + b"Connection: close\r\n\r\n" + body
+                    )
+                    where = (method, path, value)
+                    assert status_of(raw) == 200, (where, raw[:300])
+                    head = heads.pop()
+                    assert b"\r\nX-Name: " + value + b"\r\n" in head, (where, head)
+                    assert b"\r\nX-Padded: v\r\n" in head, (where, head)
+                    assert b"\r\n" + back in raw, (where, raw)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -46,6 +46,46 @@ GOOD = "Host: a\r\nConnection: close\r\n"
             b"ambiguous_framing",
         ),
         (b"GET /app/x HTTP/1.1\r\n" + GOOD.encode() + b"Bad Header: x\r\n\r\n", 400, b"bad_header"),
+        # bodiless requests in one piece start in the fast lane (fastlane.py): framing
+        # that could hide a second request must be refused there exactly as on aiohttp's side
+        (
+            b"GET /app/x HTTP/1.1\r\n"
+            + GOOD.encode()
+            + b"Content-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            400,
+            b"ambiguous_framing",
+        ),
+        (
+            b"GET /app/x HTTP/1.1\r\n" + GOOD.encode() + b"Content-Length: 0, 0\r\n\r\n",
+            400,
+            b"ambiguous_framing",
+        ),
+        (
+            b"GET /app/x HTTP/1.1\r\n"
+            + GOOD.encode()
+            + b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            b"ambiguous_framing",
+        ),
+        (
+            b"GET /app/x HTTP/1.1\r\n" + GOOD.encode() + b"Transfer-Encoding: identity\r\n\r\n",
+            400,
+            b"ambiguous_framing",
+        ),
+        (b"GET /app/x HTTP/1.1\r\n" + GOOD.encode() + b"X-A: b\r\n c\r\n\r\n", 400, b"bad_header"),
+        (b"GET /app/x HTTP/1.1\r\n" + GOOD.encode() + b"X-A: a\x00b\r\n\r\n", 400, b"bad_header"),
+        (b"GET /app/x HTTP/1.1\r\n" + GOOD.encode() + b"X-A: a\rb\r\n\r\n", 400, b"bad_header"),
+        (b"GET /app/x HTTP/1.1\nHost: a\nConnection: close\n\n", 400, b"bad_request_line"),
+        (
+            b"GET /app/x HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            400,
+            b"duplicate_host",
+        ),
+        (
+            b"GET /app/x HTTP/1.1\r\n" + GOOD.encode() + b"User-Agent: a\r\nUser-Agent: b\r\n\r\n",
+            400,
+            b"bad_header",
+        ),
     ],
 )
 async def test_malformed_requests(

@@ -30,6 +30,8 @@ from aiohttp.http import HttpVersion, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
+from sidecar.proxy.upstream import HEADER_CODEC
+
 if TYPE_CHECKING:
     from sidecar.proxy.server import ProxyServer
 
@@ -37,6 +39,12 @@ KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection is kept (aioht
 
 # headers that send a request to the aiohttp side: a body, a 100-continue, an upgrade
 _HANDOVER_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+# headers aiohttp's request parser refuses to see twice (RFC 9110 singletons; Host and
+# Content-Length are counted apart): a second one goes to aiohttp, which answers 400
+_SINGLETONS = frozenset(
+    {b"content-location", b"content-range", b"content-type", b"etag", b"max-forwards"}
+    | {b"server", b"user-agent"}
+)
 _NO_BODY_STATUS = frozenset({204, 304})
 _SKIPPED_RESPONSE_HEADERS = frozenset({"content-length", "connection", "transfer-encoding"})
 
@@ -142,7 +150,7 @@ def serialize(response: web.StreamResponse, *, head_only: bool, close: bool) -> 
     if close:
         lines.append("Connection: close")
     lines.append("\r\n")
-    data = "\r\n".join(lines).encode("latin-1")
+    data = "\r\n".join(lines).encode(HEADER_CODEC, "surrogateescape")
     return data if head_only or not body else data + body
 
 
@@ -165,7 +173,7 @@ def stream_head(
     if close:
         lines.append("Connection: close")
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    return "\r\n".join(lines).encode(HEADER_CODEC, "surrogateescape")
 
 
 # a request on the proxy port, in either lane, and the handler's answer to it
@@ -198,6 +206,7 @@ class FastProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._hosts = 0
+        self._singletons: set[bytes] = set()
         self._complete = False
         self._keep_alive = False
 
@@ -285,7 +294,14 @@ class FastProtocol(asyncio.Protocol):
                 raise _Handover
         elif key == b"host":
             self._hosts += 1
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        elif key in _SINGLETONS:
+            if key in self._singletons:
+                raise _Handover
+            self._singletons.add(key)
+        # as aiohttp's parser: trailing blanks dropped (llhttp keeps them), the value's
+        # bytes kept exactly (utf-8 with surrogateescape: any byte survives the way back)
+        text = value.rstrip(b" \t").decode(HEADER_CODEC, "surrogateescape")
+        self._headers.append((name.decode("latin-1"), text))
 
     def on_headers_complete(self) -> None:
         if self._hosts != 1 or self.parser.get_http_version() != "1.1":

@@ -70,6 +70,8 @@ def _parser_error(exc: BaseException | None) -> tuple[int, str, str]:
     if "Content-Length" in text or "Transfer-Encoding" in text:
         return 400, "ambiguous_framing", "ambiguous message framing"
     if "Host" in text:
+        if text.startswith("Duplicate"):
+            return 400, "duplicate_host", "more than one Host header"
         return 400, "missing_host", "HTTP/1.1 request without Host"
     if "header" in text.lower():
         return 400, "bad_header", "malformed header"
@@ -210,7 +212,6 @@ class ProxyServer(web.Server):
         *,
         limits: ProxyConfig,
         on_reject: RejectHook,
-        fast_lane: bool = True,
         **kwargs: Any,
     ) -> None:
         async def aiohttp_side(request: web.BaseRequest) -> web.StreamResponse:
@@ -223,14 +224,11 @@ class ProxyServer(web.Server):
         self.proxy_handler = handler
         self.limits = limits
         self.on_reject = on_reject
-        self.fast_lane = fast_lane
         self.fast_connections: set[FastProtocol] = set()
 
     # the protocol factory of the listening socket: a fast-lane connection to begin with
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
-        if self.fast_lane:
-            return FastProtocol(self)
-        return self.guarded()
+        return FastProtocol(self)
 
     def guarded(self) -> GuardedProtocol:
         """A connection served by aiohttp (with the guards above)."""

@@ -28,6 +28,10 @@ from sidecar.errors import Rejected
 _HIGH = 1024 * 1024
 _LOW = 256 * 1024
 _IDLE_TTL = 30.0  # seconds an idle keep-alive connection is kept
+# header values are text decoded from bytes as aiohttp decodes a request's, with
+# surrogateescape, and encoded back the same way: any byte the client or the app sent
+# is what the other side receives, on either lane of the proxy port
+HEADER_CODEC = "utf-8"
 
 
 class UpstreamError(Rejected):
@@ -370,8 +374,15 @@ def request_head(
             if "\r" in value or "\n" in value or "\x00" in value:
                 raise Rejected(400, "bad_header_value", f"header {name} holds a control character")
         raise Rejected(400, "bad_header_value", "a header name holds a control character")
-    return text.encode("latin-1")
+    try:
+        return text.encode(HEADER_CODEC, "surrogateescape")
+    except UnicodeEncodeError as exc:  # a lone surrogate in a value set from a claim
+        raise Rejected(400, "bad_header_value", "a header holds an unencodable character") from exc
 
 
 def response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    return CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw)
+    """The app's header bytes as text, decoded as aiohttp decodes a request's (so what
+    is valid UTF-8 goes back out byte for byte on either lane)."""
+    return CIMultiDict(
+        (n.decode("latin-1"), v.decode(HEADER_CODEC, "surrogateescape")) for n, v in raw
+    )
