@@ -11,13 +11,29 @@ Kinds: `jwt` (Authorization: Bearer, optionally a cookie or a query parameter) a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from multidict import CIMultiDictProxy, MultiMapping
 
 from sidecar.auth.apikeys import KeyStore, parse_key
 from sidecar.auth.identity import Identity
 from sidecar.auth.jwt import TokenVerifier, UnknownKey
 from sidecar.errors import BadRequest, Unauthenticated
-from sidecar.proxy.fastlane import Incoming
+
+
+class Request(Protocol):
+    """What authentication reads of a request: aiohttp's BaseRequest, and the proxy fast
+    lane's FastRequest, both have it."""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def cookies(self) -> Mapping[str, str]: ...
+    @property
+    def query_string(self) -> str: ...
+    @property
+    def query(self) -> MultiMapping[str]: ...
 
 
 class Authenticator:
@@ -46,7 +62,7 @@ class Authenticator:
             kinds.add("api_key")
         self.kinds = frozenset(kinds)
 
-    def credentials(self, request: Incoming, kinds: frozenset[str]) -> list[tuple[str, str]]:
+    def credentials(self, request: Request, kinds: frozenset[str]) -> list[tuple[str, str]]:
         """Every credential of the accepted kinds on the request, as (kind, value)."""
         headers = request.headers
         found: list[tuple[str, str]] = []
@@ -75,7 +91,7 @@ class Authenticator:
             raise BadRequest("multiple_credentials", "more than one credential on the request")
         return found
 
-    async def authenticate(self, request: Incoming, accepted: frozenset[str] | None) -> Identity:
+    async def authenticate(self, request: Request, accepted: frozenset[str] | None) -> Identity:
         """The Identity behind the one credential of an accepted kind on this request."""
         kinds = self.kinds if accepted is None else self.kinds & accepted
         found = self.credentials(request, kinds)
