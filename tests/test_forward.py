@@ -267,7 +267,10 @@ async def test_header_bytes_pass_unchanged_on_both_lanes(make_sidecar: SidecarFa
     heads: list[bytes] = []
     back = b"X-Back: caf\xc3\xa9 \xe2\x82\xac\r\n"
 
+    writers: list[asyncio.StreamWriter] = []
+
     async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -286,6 +289,8 @@ async def test_header_bytes_pass_unchanged_on_both_lanes(make_sidecar: SidecarFa
                     writer.write(b"HTTP/1.1 200 OK\r\n" + back + b"Content-Length: 5\r\n\r\nwhole")
                     await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
             writer.close()
 
     server = await asyncio.start_server(app, "127.0.0.1", 0)
@@ -313,4 +318,6 @@ async def test_header_bytes_pass_unchanged_on_both_lanes(make_sidecar: SidecarFa
                     assert b"\r\n" + back in raw, (where, raw)
     finally:
         server.close()
+        for writer in writers:  # the sidecar's pooled connections to this app
+            writer.close()
         await server.wait_closed()
