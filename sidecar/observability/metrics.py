@@ -85,14 +85,8 @@ class HotPath:
     def observe(
         self, rule: str, method: str, status: int, seconds: float, upstream_seconds: float | None
     ) -> None:
-        m = method if method in KNOWN_METHODS else "OTHER"
-        key = (rule, m, _STATUS_CLASS.get(status // 100, "5xx"))
-        cell = self.requests.get(key)
-        if cell is None:
-            self.requests[key] = [1.0, time.time()]
-        else:
-            cell[0] += 1
-        _observe(self.duration, (rule, m), seconds)
+        self.count(rule, method, status)
+        _observe(self.duration, (rule, method if method in KNOWN_METHODS else "OTHER"), seconds)
         if upstream_seconds is not None:
             _observe(self.upstream, (rule,), upstream_seconds)
 
