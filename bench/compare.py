@@ -309,18 +309,40 @@ def sidecar_policy() -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_sidecar(folder: Path, upstream: int, pubkey: Path, workers: int) -> Subject:
+def launch_sidecar(
+    folder: Path, name: str, upstream: int, settings: str, env: dict[str, str] | None = None
+) -> Subject:
+    """dotmac-sidecar on free loopback ports in front of `upstream`, with the policy in
+    folder/policy.yaml and `settings` (more YAML keys) in its config; ready when it returns."""
     port, admin = free_port(), free_port()
-    (folder / "policy.yaml").write_text(sidecar_policy())
-    cfg = folder / f"sidecar-{workers}.yaml"
-    worker_line = f"workers: {workers}\n" if workers > 1 else ""
+    cfg = folder / f"{name}.yaml"
     cfg.write_text(
         f"""
 listen: "127.0.0.1:{port}"
 admin_listen: "127.0.0.1:{admin}"
 upstream: "http://127.0.0.1:{upstream}"
 policy: "{folder / "policy.yaml"}"
-{worker_line}auth:
+{settings}"""
+    )
+    return start(
+        name,
+        [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
+        port,
+        folder / f"{name}.log",  # the access log lands here: one JSON line per request
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
+        ready_url=f"http://127.0.0.1:{admin}/readyz",
+    )
+
+
+def start_sidecar(folder: Path, upstream: int, pubkey: Path, workers: int) -> Subject:
+    (folder / "policy.yaml").write_text(sidecar_policy())
+    worker_line = f"workers: {workers}\n" if workers > 1 else ""
+    name = "sidecar" if workers == 1 else f"sidecar-{workers}w"
+    return launch_sidecar(
+        folder,
+        name,
+        upstream,
+        f"""{worker_line}auth:
   jwt:
     - issuer: "{ISSUER}"
       audiences: ["{AUDIENCE}"]
@@ -329,16 +351,7 @@ policy: "{folder / "policy.yaml"}"
 observability:
   access_log: true
   log_level: INFO
-"""
-    )
-    name = "sidecar" if workers == 1 else f"sidecar-{workers}w"
-    return start(
-        name,
-        [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
-        port,
-        folder / f"{name}.log",  # the access log lands here: one JSON line per request
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        ready_url=f"http://127.0.0.1:{admin}/readyz",
+""",
     )
 
 

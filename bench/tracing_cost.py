@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import ROOT, Subject, free_port, start
+from compare import Subject, free_port, launch_sidecar, start
 
 SECRET = "bench-hmac-secret-0123456789abcdef0123"
 
@@ -88,30 +87,19 @@ async def load(url: str, token: str, requests: int, connections: int = 16) -> fl
 
 def measure(folder: Path, upstream: int, otlp: str, requests: int) -> float:
     """CPU microseconds the sidecar spent per request at one setting."""
-    port, admin = free_port(), free_port()
-    cfg = folder / "sidecar.yaml"
-    cfg.write_text(
-        f"""
-listen: "127.0.0.1:{port}"
-admin_listen: "127.0.0.1:{admin}"
-upstream: "http://127.0.0.1:{upstream}"
-policy: "{folder / "policy.yaml"}"
-auth:
+    sidecar = launch_sidecar(
+        folder,
+        "sidecar",
+        upstream,
+        f"""auth:
   jwt:
     - {{issuer: bench, algorithms: [HS256], secret_env: BENCH_SECRET}}
 observability:
   access_log: true
   otlp_endpoint: "{otlp}"
   trace_sample_ratio: 1.0
-"""
-    )
-    sidecar = start(
-        "sidecar",
-        [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
-        port,
-        folder / "sidecar.log",
-        env=dict(os.environ, BENCH_SECRET=SECRET, PYTHONPATH=str(ROOT)),
-        ready_url=f"http://127.0.0.1:{admin}/readyz",
+""",
+        env={"BENCH_SECRET": SECRET},
     )
     try:
         now = int(time.time())
@@ -120,7 +108,7 @@ observability:
             SECRET,
             algorithm="HS256",
         )
-        url = f"http://127.0.0.1:{port}/api/items/42"
+        url = f"http://127.0.0.1:{sidecar.port}/api/items/42"
         asyncio.run(load(url, token, 500))  # warm-up: caches, pools, the span exporter
         before = sidecar.cpu_seconds()
         asyncio.run(load(url, token, requests))
